@@ -1,0 +1,495 @@
+"""Vectorised PyTorch (de)quantization of GGUF / ggml tensors.
+
+Every function here is a handful of whole-tensor torch ops on the input's device, so the same code
+dequantizes on CPU and CUDA without numpy round trips or Python loops over blocks.
+
+Bit-exactness: the reference is gguf-py (``gguf.quants.dequantize``), which computes in float32
+numpy. We compute in float32 too, perform the multiplications/additions in the same order (float
+arithmetic is not associative, so ``(d * sc) * q`` must not become ``d * (sc * q)``), never fuse them
+(no addcmul / FMA), and cast to the requested dtype only at the very end. float32 output is therefore
+bit-identical to gguf-py and bf16/fp16 output equals gguf-py's result rounded once.
+
+Layout: multi-byte fields are little-endian, as in the file format. fp16 scale fields are read by
+viewing their two bytes as float16 (torch tensors use host byte order; every platform torch ships
+for is little-endian, and gguf-py itself relies on the same native ``view``). Wider packed integer
+fields (Q5_0/Q5_1 ``qh``, IQ4_XS ``scales_h``) are unpacked byte by byte, so they need no wide
+integer dtypes at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .common import QuantDataError, UnsupportedQuantType
+
+Q = GGMLQuantizationType
+QK_K = 256  # super-block size of the K-quants and IQ4_XS
+
+_FLOAT_TYPES: dict[GGMLQuantizationType, torch.dtype] = {
+    Q.F32: torch.float32,
+    Q.F16: torch.float16,
+    Q.BF16: torch.bfloat16,
+}
+
+# Non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS (ggml-common.h kvalues_iq4nl).
+IQ4NL_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers shared by the per-type kernels
+# --------------------------------------------------------------------------------------------------
+
+def _split(blocks: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
+    """Cut (n_blocks, type_size) bytes into consecutive fields of the given byte widths (views)."""
+    return list(torch.split(blocks, list(sizes), dim=-1))
+
+
+def _f16(field: torch.Tensor) -> torch.Tensor:
+    """(n, 2) bytes of a little-endian fp16 field -> (n, 1) float32.
+
+    ``view(float16)`` needs a contiguous last dim, which a column slice of the blocks is not; the copy
+    is only 2 bytes per block."""
+    return field.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split each byte of (..., L) into 8//bits fields of `bits` bits -> (..., 8//bits, L).
+
+    Output [..., j, k] is bits [j*bits, (j+1)*bits) of byte k: the "planar" order ggml uses for
+    quants (first all low nibbles, then all high nibbles)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).unsqueeze(-1)
+    return (packed.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)
+
+
+def _unpack_interleaved(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split each byte of (..., L) into 8//bits fields, byte-major -> (..., L * 8//bits).
+
+    This is the order of the fields in a little-endian integer made of those bytes (bit i of a
+    uint32 ``qh`` is bit i%8 of byte i//8), so it unpacks uint16/uint32 bit fields."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return fields.flatten(-2)
+
+
+def _nibbles(qs: torch.Tensor, n_blocks: int, group: int) -> torch.Tensor:
+    """4-bit quants stored as groups of `group` bytes, low nibbles first, then high nibbles.
+
+    Returns uint8 (n_blocks, n_groups, 2 * group) in element order."""
+    # Explicit sizes rather than -1: reshape cannot infer a dim when n_blocks == 0.
+    n_groups = qs.shape[-1] // group
+    return _unpack_planar(qs.reshape(n_blocks, n_groups, group), 4).reshape(n_blocks, n_groups, 2 * group)
+
+
+def _kvalues(device: torch.device) -> torch.Tensor:
+    return torch.tensor(IQ4NL_KVALUES, dtype=torch.float32, device=device)
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: twelve bytes holding eight 6-bit scales and eight 6-bit mins -> two uint8 (n, 8).
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same for
+    the mins; bytes 8-11 hold the low nibbles of scales 4-7 (low half) and mins 4-7 (high half)."""
+    d, m, m_d = scales.reshape(scales.shape[0], 3, 4).unbind(dim=1)
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _check_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> int:
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != type_size:
+        raise QuantDataError(
+            f"{qtype.name} blocks must be uint8 of shape (n_blocks, {type_size}), "
+            f"got {blocks.dtype} {tuple(blocks.shape)}"
+        )
+    return blocks.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-type kernels: uint8 (n_blocks, type_size) -> (n_blocks, block_size) in `dtype`
+# Each mirrors the arithmetic order of the matching gguf.quants class.
+# --------------------------------------------------------------------------------------------------
+
+def dequantize_q8_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_blocks(blocks, Q.Q8_0)
+    d, qs = _split(blocks, 2, 32)
+    return (qs.view(torch.int8).to(torch.float32) * _f16(d)).to(dtype)
+
+
+def dequantize_q4_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q4_0)
+    d, qs = _split(blocks, 2, 16)
+    q = _nibbles(qs, n, 16).reshape(n, 32).to(torch.float32) - 8  # exact small integers
+    return (_f16(d) * q).to(dtype)
+
+
+def dequantize_q4_1(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q4_1)
+    d, m, qs = _split(blocks, 2, 2, 16)
+    q = _nibbles(qs, n, 16).reshape(n, 32).to(torch.float32)
+    return (_f16(d) * q + _f16(m)).to(dtype)
+
+
+def _q5_quants(qh: torch.Tensor, qs: torch.Tensor, n: int) -> torch.Tensor:
+    """Q5_0/Q5_1: 4 low bits from the nibbles, bit 4 from the little-endian uint32 `qh`."""
+    low = _nibbles(qs, n, 16).reshape(n, 32)
+    high = _unpack_interleaved(qh, 1)  # (n, 32): bit i of the uint32
+    return low | (high << 4)
+
+
+def dequantize_q5_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q5_0)
+    d, qh, qs = _split(blocks, 2, 4, 16)
+    q = _q5_quants(qh, qs, n).to(torch.float32) - 16
+    return (_f16(d) * q).to(dtype)
+
+
+def dequantize_q5_1(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q5_1)
+    d, m, qh, qs = _split(blocks, 2, 2, 4, 16)
+    q = _q5_quants(qh, qs, n).to(torch.float32)
+    return (_f16(d) * q + _f16(m)).to(dtype)
+
+
+def dequantize_q2_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q2_K)
+    scales, qs, d, dmin = _split(blocks, QK_K // 16, QK_K // 4, 2, 2)
+    # 16 sub-blocks of 16: low nibble of each scale byte scales, high nibble scales the min.
+    dl = (_f16(d) * (scales & 0x0F).to(torch.float32)).unsqueeze(-1)
+    ml = (_f16(dmin) * (scales >> 4).to(torch.float32)).unsqueeze(-1)
+    # Two 32-byte groups, each holding four 2-bit planes of 32 quants.
+    q = _unpack_planar(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16).to(torch.float32)
+    return (dl * q - ml).reshape(n, QK_K).to(dtype)
+
+
+def dequantize_q3_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q3_K)
+    hmask, qs, scales, d = _split(blocks, QK_K // 8, QK_K // 4, 12, 2)
+    # Sixteen 6-bit signed scales: low nibbles in bytes 0-7 (planar), top 2 bits in bytes 8-11.
+    low = _unpack_planar(scales[:, :8], 4).reshape(n, 16)
+    high = _unpack_planar(scales[:, 8:], 2).reshape(n, 16)
+    sc = (low | (high << 4)).to(torch.float32) - 32
+    dl = (_f16(d) * sc).unsqueeze(-1)
+    ql = _unpack_planar(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16)
+    # The hmask bit *clear* means "subtract 4" (ggml stores the offset inverted). Stay in 8-bit
+    # integers until the final conversion: q is in [-4, 3].
+    offset = (_unpack_planar(hmask, 1).reshape(n, 16, 16) ^ 1) << 2
+    q = (ql.view(torch.int8) - offset.view(torch.int8)).to(torch.float32)
+    return (dl * q).reshape(n, QK_K).to(dtype)
+
+
+def dequantize_q4_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q4_K)
+    d, dmin, scales, qs = _split(blocks, 2, 2, 12, QK_K // 2)
+    sc, mn = _k_scale_min(scales)
+    dl = (_f16(d) * sc.to(torch.float32)).unsqueeze(-1)
+    ml = (_f16(dmin) * mn.to(torch.float32)).unsqueeze(-1)
+    q = _nibbles(qs, n, 32).reshape(n, 8, 32).to(torch.float32)
+    return (dl * q - ml).reshape(n, QK_K).to(dtype)
+
+
+def dequantize_q5_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q5_K)
+    d, dmin, scales, qh, qs = _split(blocks, 2, 2, 12, QK_K // 8, QK_K // 2)
+    sc, mn = _k_scale_min(scales)
+    dl = (_f16(d) * sc.to(torch.float32)).unsqueeze(-1)
+    ml = (_f16(dmin) * mn.to(torch.float32)).unsqueeze(-1)
+    low = _nibbles(qs, n, 32).reshape(n, 8, 32)
+    high = _unpack_planar(qh, 1)  # (n, 8, 32): bit j of byte k is the 5th bit of quant j*32+k
+    q = (low | (high << 4)).to(torch.float32)
+    return (dl * q - ml).reshape(n, QK_K).to(dtype)
+
+
+def dequantize_q6_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.Q6_K)
+    ql, qh, scales, d = _split(blocks, QK_K // 2, QK_K // 4, QK_K // 16, 2)
+    dl = (_f16(d) * scales.view(torch.int8).to(torch.float32)).unsqueeze(-1)
+    low = _nibbles(ql, n, 64).reshape(n, 8, 32)
+    high = _unpack_planar(qh.reshape(n, 2, 32), 2).reshape(n, 8, 32)
+    q = (low | (high << 4)).reshape(n, 16, 16).to(torch.float32) - 32
+    return (dl * q).reshape(n, QK_K).to(dtype)
+
+
+def dequantize_iq4_nl(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.IQ4_NL)
+    d, qs = _split(blocks, 2, 16)
+    # Index with int64: a uint8 index tensor would be taken as a boolean mask.
+    q = _kvalues(blocks.device)[_nibbles(qs, n, 16).reshape(n, 32).long()]
+    return (_f16(d) * q).to(dtype)
+
+
+def dequantize_iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = _check_blocks(blocks, Q.IQ4_XS)
+    d, scales_h, scales_l, qs = _split(blocks, 2, 2, QK_K // 64, QK_K // 2)
+    # Eight 6-bit signed scales: low nibbles byte-major in scales_l, top 2 bits in the uint16 scales_h.
+    low = _unpack_interleaved(scales_l, 4)
+    high = _unpack_interleaved(scales_h, 2)
+    sc = (low | (high << 4)).to(torch.float32) - 32
+    dl = (_f16(d) * sc).unsqueeze(-1)
+    q = _kvalues(blocks.device)[_nibbles(qs, n, 16).reshape(n, 8, 32).long()]
+    return (dl * q).reshape(n, QK_K).to(dtype)
+
+
+DEQUANTIZE_FUNCTIONS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = {
+    Q.Q8_0: dequantize_q8_0,
+    Q.Q5_1: dequantize_q5_1,
+    Q.Q5_0: dequantize_q5_0,
+    Q.Q4_1: dequantize_q4_1,
+    Q.Q4_0: dequantize_q4_0,
+    Q.Q6_K: dequantize_q6_k,
+    Q.Q5_K: dequantize_q5_k,
+    Q.Q4_K: dequantize_q4_k,
+    Q.Q3_K: dequantize_q3_k,
+    Q.Q2_K: dequantize_q2_k,
+    Q.IQ4_NL: dequantize_iq4_nl,
+    Q.IQ4_XS: dequantize_iq4_xs,
+}
+
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(DEQUANTIZE_FUNCTIONS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Type and shape bookkeeping
+# --------------------------------------------------------------------------------------------------
+
+def _names(types) -> str:
+    return ", ".join(sorted(t.name for t in types))
+
+
+def qtype_of(qtype) -> GGMLQuantizationType:
+    """Normalise an enum member, integer id or (case-insensitive) name to a supported type."""
+    resolved = None
+    if isinstance(qtype, GGMLQuantizationType):
+        resolved = qtype
+    elif isinstance(qtype, str):
+        resolved = GGMLQuantizationType.__members__.get(qtype.strip().upper())
+    elif not isinstance(qtype, bool):
+        try:
+            resolved = GGMLQuantizationType(int(qtype))
+        except (TypeError, ValueError):
+            resolved = None
+    if resolved is None or resolved not in SUPPORTED_TYPES:
+        what = resolved.name if resolved is not None else repr(qtype)
+        raise UnsupportedQuantType(
+            f"Unsupported GGUF quant type {what}; supported types are: {_names(SUPPORTED_TYPES)}"
+        )
+    return resolved
+
+
+def is_quantized(qtype) -> bool:
+    return qtype_of(qtype) not in _FLOAT_TYPES
+
+
+def _logical_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(int(s) for s in shape)
+    if not dims or any(s < 0 for s in dims):
+        raise QuantDataError(f"Invalid tensor shape {dims}: need at least one non-negative dimension")
+    return dims
+
+
+def byte_shape(shape: Sequence[int], qtype) -> tuple[int, ...]:
+    """Logical shape -> shape of the raw bytes (rows keep their dims, the last dim becomes bytes)."""
+    qt = qtype_of(qtype)
+    dims = _logical_shape(shape)
+    block_size, type_size = GGML_QUANT_SIZES[qt]
+    if dims[-1] % block_size != 0:
+        raise QuantDataError(
+            f"Row size {dims[-1]} of shape {dims} is not a multiple of the {qt.name} block size {block_size}"
+        )
+    return (*dims[:-1], dims[-1] // block_size * type_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantize
+# --------------------------------------------------------------------------------------------------
+
+def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
+    """Any contiguous-able tensor -> flat uint8 view of its bytes."""
+    flat = raw.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.contiguous().view(torch.uint8)
+
+
+def _dequantize_float(raw: torch.Tensor, qt, dims, dtype) -> torch.Tensor:
+    src = _FLOAT_TYPES[qt]
+    if raw.dtype == src:  # size already checked by dequantize()
+        values = raw.reshape(dims)
+    else:
+        flat = _as_bytes(raw)
+        # A dtype view needs an element-aligned storage offset (e.g. a slice of an mmapped file).
+        if flat.storage_offset() % src.itemsize:
+            flat = flat.clone()
+        values = flat.view(src).reshape(dims)
+    if dtype == src:
+        return values
+    # Widen through float32 exactly like gguf-py does, then round once to the target dtype.
+    return values.to(torch.float32).to(dtype)
+
+
+def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Raw GGUF tensor data -> tensor of logical `shape` and `dtype` on raw.device.
+
+    `raw` is the tensor's bytes as uint8 in any shape (GGUFReader's (rows, bytes) or flat); for
+    F32/F16/BF16 it may also already be a tensor of that float dtype. For those float types, when
+    `dtype` is the stored dtype the result is a view that shares memory with `raw` (no copy)."""
+    qt = qtype_of(qtype)
+    dims = _logical_shape(shape)
+    expected = math.prod(byte_shape(dims, qt))
+    is_float_source = qt in _FLOAT_TYPES and raw.dtype == _FLOAT_TYPES[qt]
+    if raw.dtype not in (torch.uint8, torch.int8) and not is_float_source:
+        allowed = "uint8" + (f" or {_FLOAT_TYPES[qt]}" if qt in _FLOAT_TYPES else "")
+        raise QuantDataError(f"{qt.name} data must be {allowed}, got a {raw.dtype} tensor")
+    got = raw.numel() * raw.element_size()
+    if got != expected:
+        raise QuantDataError(
+            f"{qt.name} tensor of shape {dims}: expected {expected} bytes, got {got} bytes"
+            + (" (truncated data?)" if got < expected else "")
+        )
+
+    if qt in _FLOAT_TYPES:
+        return _dequantize_float(raw, qt, dims, dtype)
+    if expected == 0:
+        return torch.empty(dims, dtype=dtype, device=raw.device)
+    type_size = GGML_QUANT_SIZES[qt][1]
+    blocks = _as_bytes(raw).reshape(-1, type_size)
+    return DEQUANTIZE_FUNCTIONS[qt](blocks, dtype).reshape(dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantize (for tests, conversion tools and caches). Mirrors gguf.quants' reference encoders.
+# --------------------------------------------------------------------------------------------------
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """gguf-py's np_roundf (C roundf): round half away from zero, with the same float32 ops."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, with 0 where d == 0 (all-zero blocks quantize to zero quants)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """(n, 1) float32 -> (n, 2) little-endian fp16 bytes (round to nearest even, like numpy)."""
+    # Go through 1-D: a (n, 1) reduction result may carry a stride that dtype views reject.
+    return d.reshape(-1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) uint8 quants -> (n, 16) bytes: quant k in the low nibble, quant 16+k in the high."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(n, 32) of 0/1 -> (n, 4) bytes, little-endian bit order (numpy packbits bitorder='little')."""
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=bits.device))
+    grouped = bits.reshape(bits.shape[0], bits.shape[1] // 8, 8).to(torch.int32)
+    return (grouped * weights).sum(-1).to(torch.uint8)
+
+
+def _quantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    qs = _round_half_away(blocks * _safe_inverse(d))
+    return torch.cat([_f16_bytes(d), qs.to(torch.int8).view(torch.uint8)], dim=1)
+
+
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude, sign kept (first one on ties, like numpy argmax)."""
+    return torch.gather(blocks, 1, blocks.abs().argmax(dim=1, keepdim=True))
+
+
+def _symmetric_quants(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0/Q5_0: d = max/-(levels/2), q = trunc(x/d + levels/2 + 0.5) clipped to [0, levels-1]."""
+    d = _signed_absmax(blocks) / -(levels // 2)
+    q = torch.trunc(blocks * _safe_inverse(d) + (levels // 2 + 0.5))
+    return d, q.clamp(0, levels - 1).to(torch.uint8)
+
+
+def _affine_quants(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1/Q5_1: d = (max-min)/(levels-1), q = trunc((x-min)/d + 0.5) clipped, offset = min."""
+    mx = blocks.amax(dim=1, keepdim=True)
+    mn = blocks.amin(dim=1, keepdim=True)
+    d = (mx - mn) / (levels - 1)
+    q = torch.trunc((blocks - mn) * _safe_inverse(d) + 0.5)
+    return d, mn, q.clamp(0, levels - 1).to(torch.uint8)
+
+
+def _quantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    d, q = _symmetric_quants(blocks, 16)
+    return torch.cat([_f16_bytes(d), _pack_nibbles(q)], dim=1)
+
+
+def _quantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, mn, q = _affine_quants(blocks, 16)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], dim=1)
+
+
+def _quantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d, q = _symmetric_quants(blocks, 32)
+    return torch.cat([_f16_bytes(d), _pack_bits(q >> 4), _pack_nibbles(q)], dim=1)
+
+
+def _quantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, mn, q = _affine_quants(blocks, 32)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_bits(q >> 4), _pack_nibbles(q)], dim=1)
+
+
+_QUANTIZE_BLOCK_FUNCTIONS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q8_0: _quantize_q8_0,
+    Q.Q4_0: _quantize_q4_0,
+    Q.Q4_1: _quantize_q4_1,
+    Q.Q5_0: _quantize_q5_0,
+    Q.Q5_1: _quantize_q5_1,
+}
+
+QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(_QUANTIZE_BLOCK_FUNCTIONS)
+
+
+def _to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16 like ggml/gguf-py: round to nearest even, but NaNs keep sign and top payload
+    bits and are forced quiet (torch would canonicalise every NaN to 0x7FC0)."""
+    rounded = x.to(torch.bfloat16).view(torch.int16)
+    quiet_nan = ((x.view(torch.int32) >> 16) | 0x40).to(torch.int16)  # arithmetic shift: fits int16
+    return torch.where(torch.isnan(x), quiet_nan, rounded).view(torch.bfloat16)
+
+
+def quantize(t: torch.Tensor, qtype) -> torch.Tensor:
+    """Float tensor -> raw uint8 bytes shaped byte_shape(t.shape, qtype), on t.device.
+
+    Bit-exact with gguf.quants.quantize (ggml's reference encoders, not the imatrix-free heuristics
+    llama-quantize uses for K-quants, which gguf-py does not implement either)."""
+    qt = qtype_of(qtype)
+    if qt not in QUANTIZABLE_TYPES:
+        raise UnsupportedQuantType(
+            f"Cannot quantize to {qt.name}; quantizable types are: {_names(QUANTIZABLE_TYPES)}"
+        )
+    shape = byte_shape(t.shape, qt)  # validates the row size
+    x = t.detach().to(torch.float32).contiguous()
+    if qt == Q.F32:
+        out = x
+    elif qt == Q.F16:
+        out = x.to(torch.float16)
+    elif qt == Q.BF16:
+        out = _to_bf16_bits(x)
+    else:
+        block_size = GGML_QUANT_SIZES[qt][0]
+        out = _QUANTIZE_BLOCK_FUNCTIONS[qt](x.reshape(-1, block_size))
+    return out.contiguous().view(torch.uint8).reshape(shape)
+
+
+__all__ = [
+    "DEQUANTIZE_FUNCTIONS",
+    "IQ4NL_KVALUES",
+    "QUANTIZABLE_TYPES",
+    "SUPPORTED_TYPES",
+    "byte_shape",
+    "dequantize",
+    "is_quantized",
+    "qtype_of",
+    "quantize",
+    *(fn.__name__ for fn in DEQUANTIZE_FUNCTIONS.values()),
+]
