@@ -1,0 +1,63 @@
+"""Quant families and the one table that turns raw storage back into values.
+
+Each family module (gguf, nf4, fp8) owns its block geometry, `dequantize` (vectorised torch, any device) and
+`quantize` (for on-load conversion and the converter). `dequantize_raw` is the single dispatch point used by the
+public `dequantize`, the quantized ops and the CLI.
+"""
+import torch
+
+from .common import QuantDataError, UnsupportedQuantType
+
+
+def _dequant_gguf(raw, meta, aux, shape, dtype):
+    from . import gguf
+    return gguf.dequantize(raw, meta["qtype"], shape, dtype)
+
+
+def _dequant_nf4(raw, meta, aux, shape, dtype):
+    from . import nf4
+    return nf4.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+
+
+def _dequant_fp8(raw, meta, aux, shape, dtype):
+    from .fp8 import dequantize_fp8
+    return dequantize_fp8(raw, aux.get("scale"), dtype)
+
+
+DEQUANTIZERS = {"gguf": _dequant_gguf, "nf4": _dequant_nf4, "fp8": _dequant_fp8}
+
+
+def dequantize_raw(qformat: str, raw: torch.Tensor, meta: dict, aux: dict, shape, dtype=torch.float32):
+    try:
+        fn = DEQUANTIZERS[qformat]
+    except KeyError:
+        raise UnsupportedQuantType(f"unknown quantized format {qformat!r}; known: {', '.join(DEQUANTIZERS)}") from None
+    return fn(raw, meta, aux, torch.Size(shape), dtype)
+
+
+# NF4 keeps its statistics as aux tensors and its geometry as meta, so it travels like every other format.
+def nf4_weight_from_parts(raw, meta, aux, shape):
+    from .nf4 import NF4Weight
+    device = raw.device
+    nested = "nested_absmax" in aux
+    return NF4Weight(
+        packed=raw, absmax=aux["absmax"].to(device), code=aux["code"].to(device), shape=tuple(shape),
+        blocksize=int(meta["blocksize"]), dtype=meta.get("dtype", torch.bfloat16),
+        nested_absmax=aux["nested_absmax"].to(device) if nested else None,
+        nested_code=aux["nested_code"].to(device) if nested else None,
+        nested_offset=float(meta["nested_offset"]) if nested else None,
+        nested_blocksize=int(meta["nested_blocksize"]) if nested else None,
+    )
+
+
+def nf4_parts_from_weight(q):
+    aux = {"absmax": q.absmax, "code": q.code}
+    meta = {"blocksize": q.blocksize, "dtype": q.dtype}
+    if q.nested_absmax is not None:
+        aux.update(nested_absmax=q.nested_absmax, nested_code=q.nested_code)
+        meta.update(nested_offset=q.nested_offset, nested_blocksize=q.nested_blocksize)
+    return q.packed, meta, aux
+
+
+__all__ = ["dequantize_raw", "DEQUANTIZERS", "QuantDataError", "UnsupportedQuantType",
+           "nf4_weight_from_parts", "nf4_parts_from_weight"]

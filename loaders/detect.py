@@ -1,0 +1,20 @@
+"""Which container a model file is, from its first bytes (never by trusting the extension)."""
+from .errors import ModelFileError, check_file
+
+GGUF_MAGIC = b"GGUF"
+PICKLE_HINT = ("pickled .ckpt/.pt/.bin files are never loaded (they can run code): "
+               "convert the model to .safetensors or .gguf")
+
+
+def detect_container(path) -> str:
+    """'gguf' or 'safetensors'; ModelFileError for anything else."""
+    path = check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ModelFileError(path, "is a PyTorch pickle/zip checkpoint", PICKLE_HINT)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise ModelFileError(path, "is neither GGUF nor safetensors", "use a .gguf or .safetensors model; " + PICKLE_HINT)

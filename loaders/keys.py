@@ -1,0 +1,20 @@
+"""Key-name conventions shared by the readers and writers."""
+
+# Checkpoints from ComfyUI / Forge / city96 may carry one of these prefixes; our state dicts use BFL names.
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# city96's GGUF convention (and ours for on-load conversion): quantize the big block linears, keep the
+# small input/output projections and all 1-D tensors in full precision — they are tiny and precision-sensitive.
+QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.")
+
+
+def strip_prefix(keys):
+    """The prefix every transformer key shares ('' when none), so it can be removed."""
+    for p in PREFIXES:
+        if any(k.startswith(p) for k in keys):
+            return p
+    return ""
+
+
+def should_quantize(key: str, shape) -> bool:
+    return key.endswith(".weight") and len(shape) == 2 and key.startswith(QUANTIZED_BLOCKS)

@@ -1,0 +1,111 @@
+"""Safetensors diffusion models: plain bf16/fp16/fp32, fp8 (plain, scaled, ComfyUI comfy_quant) and
+bitsandbytes NF4. Every quantized weight comes back as a QTensor; scale/statistics keys are folded into it."""
+import json
+
+import torch
+
+from ..optimizations.qtensor import QTensor
+from ..optimizations.quant import nf4_parts_from_weight
+from ..optimizations.quant.fp8 import is_fp8
+from .errors import REDOWNLOAD, ModelFileError
+from .safetensors_header import read_header
+
+SCALED_FP8_MARKER = "scaled_fp8"
+NF4_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+# ComfyUI's comfy_quant formats we dequantize ourselves; the others (nvfp4, mxfp8, int8) belong to core's loader.
+COMFY_QUANT_FP8 = {"float8_e4m3fn", "float8_e5m2"}
+
+
+def _load_all(path, progress):
+    from safetensors import safe_open
+    sd = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            for i, k in enumerate(keys):
+                sd[k] = f.get_tensor(k)
+                if progress:
+                    progress(i + 1, len(keys))
+    except Exception as e:
+        raise ModelFileError(path, f"could not read tensors ({type(e).__name__}: {e})", REDOWNLOAD) from None
+    return sd
+
+
+def _quant_layers(sd, metadata, path):
+    """Per-layer comfy_quant configs, from `<layer>.comfy_quant` keys or the `_quantization_metadata` header."""
+    layers = {}
+    if "_quantization_metadata" in metadata:
+        try:
+            layers.update(json.loads(metadata["_quantization_metadata"])["layers"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(path, f"corrupt _quantization_metadata ({e})", REDOWNLOAD) from None
+    for k in [k for k in sd if k.endswith(".comfy_quant")]:
+        try:
+            layers[k[: -len(".comfy_quant")]] = json.loads(bytes(sd.pop(k).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelFileError(path, f"corrupt comfy_quant entry {k!r} ({e})", REDOWNLOAD) from None
+    return layers
+
+
+def _fold_nf4(sd, path):
+    from ..optimizations.quant import nf4
+    weights = [k[: -len(NF4_STATE_SUFFIX)] for k in sd if k.endswith(NF4_STATE_SUFFIX)]
+    for wk in weights:
+        try:
+            q = nf4.from_bnb_state_dict(sd, wk)
+        except ValueError as e:
+            raise ModelFileError(path, f"bitsandbytes weight {wk!r}: {e}", REDOWNLOAD) from None
+        raw, meta, aux = nf4_parts_from_weight(q)
+        sd[wk] = QTensor(raw, qformat="nf4", shape=q.shape, meta=meta, aux=aux)
+    for k in [k for k in sd if nf4.is_bnb_nf4_key(k)]:
+        del sd[k]
+    return len(weights)
+
+
+def read_safetensors(path, progress=None):
+    """-> (state dict with the file's key names, info dict)"""
+    header, metadata = read_header(path)
+    if any(k.endswith("__fp4") for k in header):
+        raise ModelFileError(path, "is a bitsandbytes FP4 checkpoint; only NF4 is supported",
+                             "use an NF4, GGUF or FP8 version of the model")
+    sd = _load_all(path, progress)
+    info = {"container": "safetensors"}
+
+    if any(k.endswith(NF4_STATE_SUFFIX) for k in sd):
+        info["format"] = "nf4"
+        info["quantized_tensors"] = _fold_nf4(sd, path)
+        return sd, info
+
+    layers = _quant_layers(sd, metadata, path)
+    marker = [k for k in sd if k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER)]
+    for k in marker:
+        del sd[k]
+    n_quant = 0
+    for key in [k for k in sd if k.endswith(".weight")]:
+        w = sd[key]
+        layer = key[: -len(".weight")]
+        conf = layers.get(layer)
+        if conf is not None and conf.get("format") not in COMFY_QUANT_FP8:
+            raise ModelFileError(path, f"layer {layer!r} uses ComfyUI quant format {conf.get('format')!r}",
+                                 "load this file with ComfyUI's own 'Load Diffusion Model' node, which runs that format natively")
+        if not is_fp8(w.dtype):
+            continue
+        scale = sd.pop(layer + ".weight_scale", None)
+        if scale is None:
+            scale = sd.pop(layer + ".scale_weight", None)
+        sd.pop(layer + ".input_scale", None)  # activation scales only matter to fp8 matmul kernels
+        sd.pop(layer + ".scale_input", None)
+        aux = {"scale": scale.to(torch.float32).reshape(())} if scale is not None else {}
+        if scale is not None and scale.numel() != 1:
+            raise ModelFileError(path, f"layer {layer!r} has a {scale.numel()}-element weight scale; only per-tensor scales are supported")
+        sd[key] = QTensor(w, qformat="fp8", shape=w.shape, aux=aux)
+        n_quant += 1
+    if n_quant:
+        scaled = any("scale" in sd[k].aux for k in sd if isinstance(sd[k], QTensor))
+        kind = "comfy_quant" if layers else ("scaled" if scaled else "plain")
+        info["format"] = f"fp8 ({kind})"
+    else:
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
+        info["format"] = "/".join(dtypes)
+    info["quantized_tensors"] = n_quant
+    return sd, info

@@ -1,0 +1,149 @@
+"""Quantized Linear: raw storage stays resident, values are made just in time on the compute device.
+
+Inside a model a quantized weight is a *plain* Parameter of raw storage (uint8 blocks or float8 values), so the
+host moves, pins and offloads it like any other tensor. What it takes to read it (format, logical shape, meta)
+lives on the module instance and small statistics (nf4 absmax/code, fp8 scale) are non-persistent buffers, so
+one model's settings never leak into another's.
+
+`QuantLinear` is the plain-PyTorch layer (tests, CLI); `make_comfy_ops()` builds ComfyUI `custom_operations`
+around the same functions, importing comfy lazily.
+"""
+import inspect
+
+import torch
+
+from .qtensor import QTensor
+from .quant import dequantize_raw
+
+RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+AUX_PREFIX = "klv_aux_"
+
+
+def adopt_quantized_weight(module: torch.nn.Module, qt: QTensor) -> None:
+    """Install a QTensor into `module` as raw Parameter + per-instance format state."""
+    module.weight = torch.nn.Parameter(qt.raw, requires_grad=False)
+    module.klv_qformat = qt.qformat
+    module.klv_qshape = qt.qshape
+    module.klv_meta = dict(qt.meta)
+    module.klv_aux_names = tuple(qt.aux)
+    for name, t in qt.aux.items():
+        module.register_buffer(AUX_PREFIX + name, t, persistent=False)
+
+
+def is_quantized(module) -> bool:
+    # After a LoRA merge the weight is dense (float); the host restoring its backup brings the raw storage back.
+    return getattr(module, "klv_qformat", None) is not None and module.weight.dtype in RAW_DTYPES
+
+
+def dequantize_module_weight(module, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    aux = {n: getattr(module, AUX_PREFIX + n).to(raw.device, non_blocking=True) for n in module.klv_aux_names}
+    return dequantize_raw(module.klv_qformat, raw, module.klv_meta, aux, module.klv_qshape, dtype)
+
+
+def quantized_bytes(module) -> int:
+    n = module.weight.numel() * module.weight.element_size()
+    return n + sum(getattr(module, AUX_PREFIX + a).nbytes for a in module.klv_aux_names)
+
+
+class QuantLinear(torch.nn.Module):
+    """Plain-PyTorch quantized linear: y = x @ dequant(W).T + b, dequantized on x's device in x's dtype."""
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        adopt_quantized_weight(self, qweight)
+        self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.out_features, self.in_features = qweight.qshape
+
+    def forward(self, x):
+        w = dequantize_module_weight(self, self.weight.to(x.device, non_blocking=True), x.dtype)
+        b = self.bias.to(device=x.device, dtype=x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, w, b)
+
+
+def make_comfy_ops():
+    """ComfyUI `custom_operations` (a manual_cast subclass) whose Linear takes QTensor weights."""
+    import comfy.ops
+    base = comfy.ops.manual_cast
+    cast_params = inspect.signature(comfy.ops.cast_bias_weight).parameters
+    offloadable = "offloadable" in cast_params  # v0.29+: async offload streams, dynamic VRAM
+
+    def cast_raw(module, input):
+        """Move raw weight + bias to the compute device through the host's own cast path (pinning, offload
+        streams, dynamic VRAM); LoRA weight functions are held back and returned, to run after dequantization."""
+        fns = list(module.weight_function)
+        lowvram = getattr(module, "weight_lowvram_function", None)
+        if fns:
+            module.weight_function = []
+        if lowvram is not None:
+            module.weight_lowvram_function = None
+        try:
+            kw = dict(dtype=module.weight.dtype, bias_dtype=input.dtype)
+            if offloadable:
+                weight, bias, stream = comfy.ops.cast_bias_weight(module, input, offloadable=True, **kw)
+            else:
+                (weight, bias), stream = comfy.ops.cast_bias_weight(module, input, **kw), None
+        finally:
+            if fns:
+                module.weight_function = fns
+            if lowvram is not None:
+                module.weight_lowvram_function = lowvram
+        return weight, bias, stream, fns + ([lowvram] if lowvram is not None else [])
+
+    class KontextLowVRAMOps(base):
+        class Linear(base.Linear):
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                # No full-size float allocation: the state dict supplies every tensor (a 12B model would
+                # otherwise claim 24 GB of RAM before the quantized weights arrive).
+                torch.nn.Module.__init__(self)
+                self.in_features, self.out_features = in_features, out_features
+                self.weight = None
+                self.bias = None
+
+            def reset_parameters(self):
+                return None
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                for key in [k for k in state_dict if k.startswith(prefix)]:
+                    name, value = key[len(prefix):], state_dict[key]
+                    if name == "weight" and isinstance(value, QTensor):
+                        adopt_quantized_weight(self, value)
+                    elif name in ("weight", "bias"):
+                        setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
+                    elif "." not in name:
+                        unexpected_keys.append(key)
+                if self.weight is None:
+                    missing_keys.append(prefix + "weight")
+
+            def forward_comfy_cast_weights(self, input, *args, **kwargs):
+                if not is_quantized(self):
+                    return super().forward_comfy_cast_weights(input, *args, **kwargs)
+                raw, bias, stream, fns = cast_raw(self, input)
+                weight = dequantize_module_weight(self, raw, input.dtype)
+                for f in fns:
+                    weight = f(weight)
+                out = torch.nn.functional.linear(input, weight.to(input.dtype), bias)
+                if stream is not None:
+                    comfy.ops.uncast_bias_weight(self, raw, bias, stream)
+                return out
+
+            # ModelPatcher's seam for patching weights it cannot read (comfy.model_patcher.get_key_weight):
+            # it hands us a cast of the raw storage; we answer with the real values, then take the merged
+            # result back. The merged weight stays dense until the host restores its backup of the raw one.
+            def convert_weight(self, weight, inplace=False, **kwargs):
+                if not is_quantized(self):
+                    return weight
+                return dequantize_module_weight(self, self.weight.to(weight.device), weight.dtype)
+
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                if return_weight:
+                    return weight
+                import comfy.float
+                dtype = torch.bfloat16 if is_quantized(self) else self.weight.dtype
+                value = comfy.float.stochastic_rounding(weight, dtype, seed=seed or 0)
+                if inplace_update and not is_quantized(self):
+                    self.weight.data.copy_(value)
+                else:
+                    self.weight = torch.nn.Parameter(value, requires_grad=False)
+
+    return KontextLowVRAMOps
