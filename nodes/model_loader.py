@@ -1,0 +1,83 @@
+"""LowVRAMModelLoader: GGUF / FP8 / NF4 / bf16 FLUX diffusion models as an ordinary ComfyUI MODEL."""
+import os
+
+from ..loaders import CONVERSIONS, load_model_file
+
+EXTENSIONS = (".gguf", ".safetensors", ".sft")
+FOLDERS = ("diffusion_models",)  # ComfyUI maps the legacy "unet" folder into this one
+COMPUTE_DTYPES = ("default", "bf16", "fp16", "fp32")
+
+
+def model_files():
+    """Every loadable file under ComfyUI's diffusion_models/unet folders (relative names, sorted)."""
+    import folder_paths
+    names = set()
+    for folder in FOLDERS:
+        for root_dir in folder_paths.get_folder_paths(folder):
+            if not os.path.isdir(root_dir):
+                continue
+            for dirpath, _, files in os.walk(root_dir, followlinks=True):
+                for f in files:
+                    if f.lower().endswith(EXTENSIONS):
+                        names.add(os.path.relpath(os.path.join(dirpath, f), root_dir).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def model_path(name):
+    import folder_paths
+    for folder in FOLDERS:
+        for root_dir in folder_paths.get_folder_paths(folder):
+            p = os.path.join(root_dir, name)
+            if os.path.isfile(p):
+                return p
+    raise FileNotFoundError(f"{name}: not found in ComfyUI's models/diffusion_models (or models/unet) folders — "
+                            "put the file there and press 'r' in the UI to refresh the list")
+
+
+def torch_dtype(name):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(name)
+
+
+class LowVRAMModelLoader:
+    DESCRIPTION = ("Loads a FLUX.1 / FLUX.1 Kontext diffusion model in any common format — GGUF (Q2_K…Q8_0, IQ4), "
+                   "FP8 (plain, scaled, ComfyUI comfy_quant), bitsandbytes NF4 or bf16/fp16 — detected from the file. "
+                   "Quantized weights stay quantized in memory and are dequantized layer by layer on the GPU.")
+    CATEGORY = "Kontext LowVRAM/loaders"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("An ordinary ComfyUI MODEL: works with KSampler, ReferenceLatent, LoRA loaders and the rest.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (model_files(), {"tooltip": "A .gguf / .safetensors / .sft file from models/diffusion_models "
+                                                      "(or models/unet). The format is detected from the file's contents."}),
+            "compute_dtype": (list(COMPUTE_DTYPES), {"default": "default", "tooltip":
+                "Precision the weights are dequantized to for each matmul. 'default' lets ComfyUI pick for your GPU "
+                "(bf16 on recent NVIDIA cards); fp16 is faster on older cards, fp32 only for debugging."}),
+            "convert_on_load": (list(CONVERSIONS), {"default": "none", "tooltip":
+                "Quantize a bf16/fp16/fp32 file while loading, so it fits in less VRAM: fp8_e4m3fn_scaled (~half "
+                "size, near-lossless), q8_0 (~53%, near-lossless), nf4 (~28%, visible but small quality loss). "
+                "Ignored for files that are already quantized."}),
+        }}
+
+    def load(self, model_name, compute_dtype="default", convert_on_load="none"):
+        import comfy.sd
+        import comfy.utils
+
+        from ..optimizations.ops import make_comfy_ops
+
+        path = model_path(model_name)
+        pbar = comfy.utils.ProgressBar(100)
+        sd, info = load_model_file(path, convert=convert_on_load,
+                                   progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
+        options = {"custom_operations": make_comfy_ops()}
+        if torch_dtype(compute_dtype) is not None:
+            options["dtype"] = torch_dtype(compute_dtype)
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        if model is None:
+            raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
+                               "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
+        return (model,)
