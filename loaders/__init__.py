@@ -35,16 +35,18 @@ def load_model_file(path, convert: str = "none", progress=None, check_arch: bool
                                  "this loader takes FLUX.1 / Kontext diffusion models; text encoders and VAEs have their own loaders") from None
     info["file"] = path
     info["file_bytes"] = os.path.getsize(path)
-    if convert and convert != "none":
-        sd = convert_state_dict(sd, convert, info, progress)
+    sd = convert_state_dict(sd, convert, info, progress)
     return sd, info
 
 
 def convert_state_dict(sd, convert, info, progress=None):
     """Quantize the big block linears of a float state dict (on-load conversion)."""
     from ..optimizations import QTensor, quantize
+    convert = convert or "none"
     if convert not in CONVERSIONS:
         raise ValueError(f"unknown conversion {convert!r}; choose one of {', '.join(CONVERSIONS)}")
+    if convert == "none":
+        return sd
     if any(isinstance(v, QTensor) for v in sd.values()):
         info["conversion"] = f"skipped: the file is already quantized ({info.get('format', 'gguf')})"
         return sd

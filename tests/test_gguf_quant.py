@@ -11,22 +11,8 @@ from kontext_lowvram.optimizations.quant.common import QuantDataError, Unsupport
 # Only real devices: no skipped "cuda" params on CPU-only machines.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# Byte offsets of the fp16 fields (scales d / mins m) inside one block, per type. Random bytes there
-# would often decode to NaN/inf, so the tests overwrite them with small finite values.
-FP16_FIELDS = {
-    Q.Q8_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q4_0: (0,),
-    Q.Q6_K: (208,),       # ql[128] qh[64] scales[16] d
-    Q.Q5_K: (0, 2),       # d dmin scales[12] qh[32] qs[128]
-    Q.Q4_K: (0, 2),       # d dmin scales[12] qs[128]
-    Q.Q3_K: (108,),       # hmask[32] qs[64] scales[12] d
-    Q.Q2_K: (80, 82),     # scales[16] qs[64] d dmin
-    Q.IQ4_NL: (0,),
-    Q.IQ4_XS: (0,),       # d scales_h[2] scales_l[4] qs[128]
-}
+# Where the fp16 scale fields sit in each block type (random bytes there would often decode to NaN/inf).
+FP16_FIELDS = gq.FP16_FIELDS
 QUANT_TYPES = list(FP16_FIELDS)
 N_BLOCKS = 384
 
@@ -287,3 +273,13 @@ def test_wrong_raw_dtype():
         gq.dequantize(torch.zeros(4, 256), Q.Q8_0, (4, 256))
     with pytest.raises(QuantDataError):
         gq.DEQUANTIZE_FUNCTIONS[Q.Q4_K](torch.zeros(3, 100, dtype=torch.uint8), torch.float32)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q3_K, Q.IQ4_XS, Q.Q8_0])
+def test_random_blocks_have_the_requested_scale(qtype):
+    raw = gq.random_blocks(qtype, (64, 512), std=0.05, seed=3)
+    assert raw.dtype == torch.uint8 and tuple(raw.shape) == gq.byte_shape((64, 512), qtype)
+    ref = _reference(raw.numpy(), qtype)  # gguf-py's view of the same bytes
+    assert torch.isfinite(ref).all()
+    assert abs(ref.std().item() - 0.05) < 0.005
+    assert not torch.equal(raw, gq.random_blocks(qtype, (64, 512), std=0.05, seed=4))

@@ -493,3 +493,43 @@ __all__ = [
     "quantize",
     *(fn.__name__ for fn in DEQUANTIZE_FUNCTIONS.values()),
 ]
+
+
+# Byte offsets of the fp16 scale (d) / min (dmin) fields inside one block. Random bytes there would often decode
+# to NaN/inf; building valid random blocks (tests, the speed benchmark) means writing finite values there.
+FP16_FIELDS = {
+    Q.Q8_0: (0,), Q.Q5_1: (0, 2), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q4_0: (0,),
+    Q.Q6_K: (208,),    # ql[128] qh[64] scales[16] d
+    Q.Q5_K: (0, 2),    # d dmin scales[12] qh[32] qs[128]
+    Q.Q4_K: (0, 2),    # d dmin scales[12] qs[128]
+    Q.Q3_K: (108,),    # hmask[32] qs[64] scales[12] d
+    Q.Q2_K: (80, 82),  # scales[16] qs[64] d dmin
+    Q.IQ4_NL: (0,),
+    Q.IQ4_XS: (0,),    # d scales_h[2] scales_l[4] qs[128]
+}
+
+
+def random_blocks(qtype, shape, std: float = 0.02, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Raw blocks of a random tensor of logical `shape` whose dequantized values have standard deviation ≈ std.
+
+    Any quantized type, including the K-quants gguf-py cannot quantize: random payload bytes, then the fp16
+    scale fields set so the values come out at the wanted scale (values are linear in d and dmin).
+    """
+    qtype = qtype_of(qtype)
+    if not is_quantized(qtype):
+        raise UnsupportedQuantType(f"{qtype.name} is not a block quant type")
+    shape = tuple(shape)
+    bshape = byte_shape(shape, qtype)
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (math.prod(bshape) // type_size, type_size), dtype=torch.uint8, generator=gen)
+
+    def set_fields(value: float):
+        field = torch.full((blocks.shape[0],), value, dtype=torch.float16).view(torch.uint8).reshape(-1, 2)
+        for off in FP16_FIELDS[qtype]:
+            blocks[:, off:off + 2] = field
+
+    set_fields(1.0)
+    measured = dequantize(blocks, qtype, shape).std().item()
+    set_fields(std / measured if measured > 0 else std)
+    return blocks.reshape(bshape).to(device)

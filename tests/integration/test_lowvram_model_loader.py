@@ -1,0 +1,177 @@
+"""Our LowVRAMModelLoader inside a real ComfyUI: every format runs the Kontext edit graph.
+
+Metric: relative L2 distance of the sampled latents (SaveLatent output, 2 euler steps, same seed):
+  ‖z_ours − z_ref‖ / ‖z_ref‖
+against (a) ComfyUI's own UNETLoader on the bf16 file the quantized one was made from — the quantization error,
+bounded per format — and (b) UNETLoader on an fp32 file of exactly the values our file holds (dequantized by
+gguf-py's own code for GGUF) — the runtime path, bounded tightly.
+"""
+import gguf
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy_harness as H
+from kontext_lowvram.loaders.keys import should_quantize
+from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
+from kontext_lowvram.optimizations import QTensor, dequantize, quantize
+from kontext_lowvram.optimizations.quant import gguf as gq
+
+# format -> (file suffix, quantization, writer option, bound vs the bf16 original)
+FORMATS = {
+    "gguf_q8_0": (".gguf", "Q8_0", None, 0.03),
+    "gguf_q5_1": (".gguf", "Q5_1", None, 0.10),
+    "gguf_q4_0": (".gguf", "Q4_0", None, 0.20),
+    "fp8_e4m3fn_scaled": (".safetensors", "fp8_e4m3fn_scaled", "scaled", 0.10),
+    "fp8_comfy_quant": (".safetensors", "fp8_e4m3fn_scaled", "comfy_quant", 0.10),
+    "fp8_e5m2_plain": (".safetensors", "fp8_e5m2", "scaled", 0.20),
+    "nf4_bnb": (".safetensors", "nf4", "scaled", 0.20),
+}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def ours(name, compute_dtype="default", convert="none"):
+    return H.node("LowVRAMModelLoader", model_name=name, compute_dtype=compute_dtype, convert_on_load=convert)
+
+
+@pytest.fixture(scope="session")
+def original(flux_model):
+    return load_file(str(flux_model.path))
+
+
+@pytest.fixture(scope="session")
+def baseline(comfy, flux_model):
+    """Core UNETLoader on the bf16 original: the reference latent."""
+    return comfy.saved_latent(comfy.run(H.kontext_edit_graph(H.unet_loader_node(flux_model.name), seed=7,
+                                                             prefix="ref_bf16"), timeout=900))
+
+
+@pytest.fixture(scope="session")
+def write_format(comfy, original):
+    cache = {}
+
+    def write(fmt):
+        if fmt not in cache:
+            suffix, quant, style, _ = FORMATS[fmt]
+            sd = {k: (quantize(v, quant) if should_quantize(k, v.shape) else v) for k, v in original.items()}
+            path = comfy.models_dir / "diffusion_models" / f"klv_{fmt}{suffix}"
+            write_gguf(path, sd) if suffix == ".gguf" else write_safetensors(path, sd, fp8_style=style)
+            cache[fmt] = (path.name, sd)
+        return cache[fmt][0]
+    write.state_dict = lambda fmt: cache[fmt][1]
+    return write
+
+
+@pytest.fixture(scope="session")
+def exact_reference(comfy):
+    """Context: an fp32 .safetensors of exactly the values a state dict holds (GGUF blocks read by gguf-py's own
+    dequantizer), for core's UNETLoader; removed afterwards (a full-width test model is 2 GB in fp32)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def make(sd, name):
+        ref = {}
+        for k, v in sd.items():
+            if isinstance(v, QTensor) and v.qformat == "gguf":
+                qt = gguf.GGMLQuantizationType[v.meta["qtype"]]
+                ref[k] = torch.from_numpy(gguf.quants.dequantize(v.raw.numpy(), qt)).reshape(v.shape)
+            else:
+                ref[k] = dequantize(v, torch.float32)
+        path = comfy.models_dir / "diffusion_models" / f"{name}_ref_fp32.safetensors"
+        H.save_safetensors(ref, path)
+        del ref
+        try:
+            yield path.name
+        finally:
+            path.unlink()
+    return make
+
+
+def run_latent(comfy, model_node, prefix, **kw):
+    out = comfy.run(H.kontext_edit_graph(model_node, seed=7, prefix=prefix, **kw), timeout=900)
+    images = comfy.saved_images(out)
+    assert len(images) == 1 and images[0].stat().st_size > 0, "no image written"
+    lat = comfy.saved_latent(out)
+    assert torch.isfinite(lat).all()
+    return lat
+
+
+def test_node_is_registered_with_tooltips(comfy, write_format):
+    write_format("gguf_q8_0")
+    info = comfy.object_info("LowVRAMModelLoader")["LowVRAMModelLoader"]
+    assert not comfy.custom_node_import_failed()
+    assert info["category"] == "Kontext LowVRAM/loaders" and info["output"] == ["MODEL"]
+    assert "GGUF/FP8/NF4" in info["display_name"]
+    req = info["input"]["required"]
+    assert "klv_gguf_q8_0.gguf" in req["model_name"][0]
+    assert set(req["convert_on_load"][0]) == {"none", "fp8_e4m3fn_scaled", "nf4", "q8_0"}
+    assert all(spec[1].get("tooltip") for spec in req.values())
+
+
+def test_bf16_through_our_loader_matches_core(comfy, flux_model, baseline):
+    lat = run_latent(comfy, ours(flux_model.name), "ours_bf16")
+    assert rel(lat, baseline) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_quantized_format_close_to_bf16(comfy, write_format, baseline, fmt):
+    lat = run_latent(comfy, ours(write_format(fmt)), f"ours_{fmt}")
+    err = rel(lat, baseline)
+    print(f"{comfy.version} {fmt}: latent rel L2 vs bf16 = {err:.4f} (bound {FORMATS[fmt][3]})")
+    assert err < FORMATS[fmt][3]
+    assert err > 0  # the quantized weights were really used
+
+
+@pytest.mark.parametrize("conversion,bound", [("q8_0", 0.03), ("nf4", 0.20), ("fp8_e4m3fn_scaled", 0.10)])
+def test_convert_on_load(comfy, flux_model, baseline, conversion, bound):
+    lat = run_latent(comfy, ours(flux_model.name, convert=conversion), f"conv_{conversion}")
+    assert 0 < rel(lat, baseline) < bound
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ4_XS"])
+def test_kquant_runtime_matches_its_exact_values(comfy, original, flux_cfg, exact_reference, qtype):
+    """gguf-py cannot write K-quants, so the file holds random valid blocks; the reference is an fp32 file of
+    exactly the values gguf-py reads from those blocks, run by core's own loader."""
+    sd = {}
+    for i, (k, v) in enumerate(original.items()):
+        if should_quantize(k, v.shape):
+            raw = gq.random_blocks(qtype, v.shape, std=H.init_std(flux_cfg), seed=i)
+            sd[k] = QTensor(raw, qformat="gguf", shape=v.shape, meta={"qtype": qtype})
+        else:
+            sd[k] = v
+    write_gguf(comfy.models_dir / "diffusion_models" / f"klv_{qtype}.gguf", sd)
+    with exact_reference(sd, f"klv_{qtype}") as ref_name:
+        ref_lat = run_latent(comfy, H.unet_loader_node(ref_name), f"ref_{qtype}")
+    lat = run_latent(comfy, ours(f"klv_{qtype}.gguf"), f"ours_{qtype}")
+    assert rel(lat, ref_lat) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["gguf_q8_0", "nf4_bnb", "fp8_e4m3fn_scaled"])
+def test_core_lora_applies_to_quantized_model(comfy, write_format, exact_reference, flux_lora, fmt):
+    """Core LoraLoaderModelOnly on our quantized model = core's LoRA on an fp32 model of the same values."""
+    name = write_format(fmt)
+    plain = run_latent(comfy, ours(name), f"lora0_{fmt}")
+    with_lora = run_latent(comfy, ours(name), f"lora1_{fmt}", lora=flux_lora)
+    with exact_reference(write_format.state_dict(fmt), f"klv_{fmt}") as ref_name:
+        core_lora = run_latent(comfy, H.unet_loader_node(ref_name), f"lora_core_{fmt}", lora=flux_lora)
+    effect, err = rel(with_lora, plain), rel(with_lora, core_lora)
+    print(f"{comfy.version} {fmt}: LoRA effect {effect:.4f}; vs core LoRA on the same values {err:.5f}")
+    assert effect > 0.05  # the LoRA really changed the output
+    # Ours keeps the LoRA-merged layers in bf16 (as core does for a bf16 model); the reference merges in fp32.
+    assert err < 0.02
+    zero = run_latent(comfy, ours(name), f"lora_zero_{fmt}", lora={"lora_name": flux_lora, "strength_model": 0.0})
+    assert torch.equal(zero, plain)
+
+
+def test_corrupt_file_fails_cleanly_and_server_survives(comfy, write_format):
+    src = comfy.models_dir / "diffusion_models" / write_format("gguf_q8_0")
+    bad = comfy.models_dir / "diffusion_models" / "klv_truncated.gguf"
+    data = src.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(H.ComfyError) as e:
+        comfy.run(H.kontext_edit_graph(ours(bad.name), prefix="bad"), timeout=300)
+    assert "klv_truncated.gguf" in str(e.value) and "download it again" in str(e.value)
+    assert "LowVRAMModelLoader" in comfy.object_info()  # the server is still up
