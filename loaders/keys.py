@@ -1,7 +1,5 @@
 """Key-name conventions shared by the readers and writers."""
-
-# Checkpoints from ComfyUI / Forge / city96 may carry one of these prefixes; our state dicts use BFL names.
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+from .flux_layout import TRANSFORMER_PREFIXES
 
 # city96's GGUF convention (and ours for on-load conversion): quantize the big block linears, keep the
 # small input/output projections and all 1-D tensors in full precision — they are tiny and precision-sensitive.
@@ -10,7 +8,7 @@ QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.")
 
 def strip_prefix(keys):
     """The prefix every transformer key shares ('' when none), so it can be removed."""
-    for p in PREFIXES:
+    for p in TRANSFORMER_PREFIXES:
         if any(k.startswith(p) for k in keys):
             return p
     return ""

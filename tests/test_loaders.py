@@ -188,3 +188,38 @@ def test_writer_leaves_no_partial_file(tmp_path, tiny_sd):
     with pytest.raises(ValueError):
         write_gguf(tmp_path / "out.gguf", bad)  # nf4 cannot go into GGUF
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_with_diffusion_model_prefix(tmp_path, tiny_sd):
+    q = quantized({k: v.float() for k, v in tiny_sd.items()}, "q8_0")
+    p = write_gguf(tmp_path / "m.gguf", {"model.diffusion_model." + k: v for k, v in q.items()})
+    sd = load_state_dict(p)
+    assert set(sd) == set(tiny_sd)
+    assert torch.equal(dequantize(sd[BLOCK_KEY]), dequantize(q[BLOCK_KEY]))
+
+
+def test_comfy_quant_per_layer_keys(tmp_path, tiny_sd):
+    """The layout ComfyUI itself produces (`<layer>.comfy_quant` JSON tensors + `weight_scale`)."""
+    q = quantized(tiny_sd, "fp8_e4m3fn_scaled")
+    flat = {}
+    for k, v in q.items():
+        if isinstance(v, QTensor):
+            layer = k[: -len(".weight")]
+            flat[k] = v.raw
+            flat[layer + ".weight_scale"] = v.aux["scale"]
+            flat[layer + ".input_scale"] = torch.tensor(1.0)
+            flat[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+        else:
+            flat[k] = v
+    save_file(flat, str(tmp_path / "m.safetensors"))
+    sd, info = load_model_file(tmp_path / "m.safetensors")
+    assert info["format"] == "fp8 (comfy_quant)" and set(sd) == set(tiny_sd)
+    assert torch.equal(dequantize(sd[BLOCK_KEY]), dequantize(q[BLOCK_KEY]))
+
+
+def test_comfy_quant_format_we_do_not_run_points_to_core(tmp_path, tiny_sd):
+    flat = dict(tiny_sd)
+    flat[BLOCK_KEY[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(flat, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ModelFileError, match="nvfp4.*Load Diffusion Model"):
+        load_state_dict(tmp_path / "m.safetensors")
