@@ -121,29 +121,29 @@ def test_corrupt_gguf_header(tmp_path, tiny_sd):
         load_state_dict(p)
 
 
+def _set_gguf_type_id(path, tensor_name, type_id):
+    """Rewrite one tensor's ggml type id in a GGUF file's tensor-info table; returns the old id."""
+    data = bytearray(open(path, "rb").read())
+    name = tensor_name.encode()
+    pos = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)  # after the length-prefixed name
+    type_pos = pos + 4 + 8 * struct.unpack_from("<I", data, pos)[0]  # skip n_dims (u32) and the dims (u64 each)
+    old = struct.unpack_from("<I", data, type_pos)[0]
+    struct.pack_into("<I", data, type_pos, type_id)
+    open(path, "wb").write(bytes(data))
+    return old
+
+
 def test_unknown_gguf_quant_type(tmp_path, tiny_sd):
     p = _gguf_file(tmp_path, tiny_sd)
-    data = bytearray(open(p, "rb").read())
-    name = BLOCK_KEY.encode()
-    pos = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    n_dims = struct.unpack_from("<I", data, pos)[0]
-    type_pos = pos + 4 + 8 * n_dims
-    assert struct.unpack_from("<I", data, type_pos)[0] == gguf.GGMLQuantizationType.Q8_0
-    struct.pack_into("<I", data, type_pos, 9999)
-    open(p, "wb").write(bytes(data))
+    assert _set_gguf_type_id(p, BLOCK_KEY, 9999) == gguf.GGMLQuantizationType.Q8_0
     with pytest.raises(ModelFileError, match="m.gguf.*quant type"):
         load_state_dict(p)
 
 
 def test_gguf_type_known_to_gguf_but_unsupported(tmp_path, tiny_sd):
     p = _gguf_file(tmp_path, tiny_sd)
-    data = bytearray(open(p, "rb").read())
-    name = BLOCK_KEY.encode()
-    pos = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    type_pos = pos + 4 + 8 * struct.unpack_from("<I", data, pos)[0]
-    struct.pack_into("<I", data, type_pos, int(gguf.GGMLQuantizationType.IQ2_XXS))
-    open(p, "wb").write(bytes(data))
-    with pytest.raises(ModelFileError, match="m.gguf"):
+    _set_gguf_type_id(p, BLOCK_KEY, int(gguf.GGMLQuantizationType.IQ2_XXS))
+    with pytest.raises(ModelFileError, match="m.gguf.*IQ2_XXS"):
         load_state_dict(p)
 
 

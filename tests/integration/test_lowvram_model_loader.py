@@ -17,15 +17,17 @@ from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
 from kontext_lowvram.optimizations import QTensor, dequantize, quantize
 from kontext_lowvram.optimizations.quant import gguf as gq
 
-# format -> (file suffix, quantization, writer option, bound vs the bf16 original)
+# format -> (file suffix, quantization, writer option, bound vs the bf16 original).
+# Bounds are ~1.5x the errors measured on both ComfyUI versions (CPU, 2 steps): in these random models the latent
+# error is about twice the weights' relative L2 error (Q8_0 0.5%, fp8 e4m3 2.5%, Q5_1 3.6%, nf4/Q4_0 8-9%).
 FORMATS = {
     "gguf_q8_0": (".gguf", "Q8_0", None, 0.03),
-    "gguf_q5_1": (".gguf", "Q5_1", None, 0.10),
-    "gguf_q4_0": (".gguf", "Q4_0", None, 0.20),
+    "gguf_q5_1": (".gguf", "Q5_1", None, 0.15),
+    "gguf_q4_0": (".gguf", "Q4_0", None, 0.30),
     "fp8_e4m3fn_scaled": (".safetensors", "fp8_e4m3fn_scaled", "scaled", 0.10),
     "fp8_comfy_quant": (".safetensors", "fp8_e4m3fn_scaled", "comfy_quant", 0.10),
     "fp8_e5m2_plain": (".safetensors", "fp8_e5m2", "scaled", 0.20),
-    "nf4_bnb": (".safetensors", "nf4", "scaled", 0.20),
+    "nf4_bnb": (".safetensors", "nf4", "scaled", 0.30),
 }
 
 
@@ -125,7 +127,7 @@ def test_quantized_format_close_to_bf16(comfy, write_format, baseline, fmt):
     assert err > 0  # the quantized weights were really used
 
 
-@pytest.mark.parametrize("conversion,bound", [("q8_0", 0.03), ("nf4", 0.20), ("fp8_e4m3fn_scaled", 0.10)])
+@pytest.mark.parametrize("conversion,bound", [("q8_0", 0.03), ("nf4", 0.30), ("fp8_e4m3fn_scaled", 0.10)])
 def test_convert_on_load(comfy, flux_model, baseline, conversion, bound):
     lat = run_latent(comfy, ours(flux_model.name, convert=conversion), f"conv_{conversion}")
     assert 0 < rel(lat, baseline) < bound
@@ -175,3 +177,12 @@ def test_corrupt_file_fails_cleanly_and_server_survives(comfy, write_format):
         comfy.run(H.kontext_edit_graph(ours(bad.name), prefix="bad"), timeout=300)
     assert "klv_truncated.gguf" in str(e.value) and "download it again" in str(e.value)
     assert "LowVRAMModelLoader" in comfy.object_info()  # the server is still up
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not H.slow_enabled(), reason="FluxKontextImageScale -> ~1 MP reference latent: minutes on CPU; set KLV_INTEGRATION_SLOW=1")
+def test_full_kontext_graph_with_kontext_image_scale(comfy, write_format, flux_model):
+    """The stock Kontext edit graph, FluxKontextImageScale included, on our NF4 model vs core on bf16."""
+    ref = run_latent(comfy, H.unet_loader_node(flux_model.name), "kscale_core", kontext_scale=True)
+    lat = run_latent(comfy, ours(write_format("nf4_bnb")), "kscale_ours", kontext_scale=True)
+    assert 0 < rel(lat, ref) < FORMATS["nf4_bnb"][3]
