@@ -1,12 +1,17 @@
 """ComfyUI adapters. Nothing here imports comfy.* at import time."""
 from .attention import LowVRAMAttention
 from .model_loader import LowVRAMModelLoader
+from .tiled_vae import LowVRAMTiledVAEDecode, LowVRAMTiledVAEEncode
 
 NODE_CLASS_MAPPINGS = {
     "LowVRAMModelLoader": LowVRAMModelLoader,
+    "LowVRAMTiledVAEDecode": LowVRAMTiledVAEDecode,
+    "LowVRAMTiledVAEEncode": LowVRAMTiledVAEEncode,
     "LowVRAMAttention": LowVRAMAttention,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LowVRAMModelLoader": "Load Diffusion Model (GGUF/FP8/NF4) · Kontext LowVRAM",
+    "LowVRAMTiledVAEDecode": "Tiled VAE Decode (seam-free) · Kontext LowVRAM",
+    "LowVRAMTiledVAEEncode": "Tiled VAE Encode (seam-free) · Kontext LowVRAM",
     "LowVRAMAttention": "Attention Backend · Kontext LowVRAM",
 }

@@ -175,8 +175,35 @@ class KLVTestConditioning:
         return ([[cond, {"pooled_output": pooled}]],)
 
 
-NODE_CLASS_MAPPINGS = {"KLVTestConditioning": KLVTestConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"KLVTestConditioning": "KLV Test Conditioning (random)"}
+class KLVSaveImageTensor:
+    """Saves an IMAGE as float32 safetensors (key ``image``) in the output folder: PNG's 8 bits hide small errors."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",),
+                             "filename_prefix": ("STRING", {"default": "klv_tensors/image"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/kontext_lowvram"
+
+    def save(self, images, filename_prefix="klv_tensors/image"):
+        import os
+
+        import folder_paths
+        from safetensors.torch import save_file
+
+        out_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        file = f"{name}_{counter:05}_.safetensors"
+        save_file({"image": images.detach().to("cpu", torch.float32).contiguous()}, os.path.join(folder, file))
+        return {"ui": {"tensors": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+
+
+NODE_CLASS_MAPPINGS = {"KLVTestConditioning": KLVTestConditioning, "KLVSaveImageTensor": KLVSaveImageTensor}
+NODE_DISPLAY_NAME_MAPPINGS = {"KLVTestConditioning": "KLV Test Conditioning (random)",
+                              "KLVSaveImageTensor": "KLV Save Image Tensor (float32 safetensors)"}
 '''
 
 
@@ -510,6 +537,15 @@ class ComfyServer:
 
     def saved_images(self, outputs: dict, node_id: str = "save_image") -> list[Path]:
         return self.output_files(outputs, node_id, "images")
+
+    def saved_image_tensor(self, outputs: dict, node_id: str) -> torch.Tensor:
+        """The float32 IMAGE ``[B, H, W, C]`` a ``KLVSaveImageTensor`` node wrote in a run."""
+        from safetensors.torch import load_file
+
+        files = [self.output_file(i) for i in (outputs.get(node_id) or {}).get("tensors", [])]
+        if len(files) != 1:
+            raise ComfyError(f"expected one tensor file from node {node_id!r}, got {outputs.get(node_id)}")
+        return load_file(str(files[0]))["image"]
 
 
 def _pretty_validation(detail: str) -> str:
