@@ -26,6 +26,10 @@ BUDGET_TOOLTIP = ("VRAM budget in MiB for the working memory (feature maps and t
                   "move to system RAM when they would take more than half of it.")
 
 
+TILE_INPUT = {"tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": TILE_TOOLTIP})}
+BUDGET_INPUT = {"vram_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64, "tooltip": BUDGET_TOOLTIP})}
+
+
 def _budget_bytes(vae, vram_budget_mb):
     """The byte budget to plan with: the user's, or (GPU) the free VRAM as ComfyUI counts it; None on CPU."""
     if vram_budget_mb and vram_budget_mb > 0:
@@ -147,12 +151,9 @@ class LowVRAMTiledVAEDecode:
                 "samples": ("LATENT", {"tooltip": "The latent to decode (e.g. the KSampler output)."}),
                 "vae": ("VAE", {"tooltip": "The VAE to decode with (FLUX 16-channel AE or any SD-style "
                                            "AutoencoderKL)."}),
-                "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": TILE_TOOLTIP}),
+                **TILE_INPUT,
             },
-            "optional": {
-                "vram_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
-                                           "tooltip": BUDGET_TOOLTIP}),
-            },
+            "optional": dict(BUDGET_INPUT),
         }
 
     def decode(self, samples, vae, tile_size=0, vram_budget_mb=0):
@@ -211,12 +212,9 @@ class LowVRAMTiledVAEEncode:
                                                 "multiples of 8, as core VAE Encode does."}),
                 "vae": ("VAE", {"tooltip": "The VAE to encode with (FLUX 16-channel AE or any SD-style "
                                            "AutoencoderKL)."}),
-                "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": TILE_TOOLTIP}),
+                **TILE_INPUT,
             },
-            "optional": {
-                "vram_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
-                                           "tooltip": BUDGET_TOOLTIP}),
-            },
+            "optional": dict(BUDGET_INPUT),
         }
 
     def encode(self, pixels, vae, tile_size=0, vram_budget_mb=0):
