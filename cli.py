@@ -20,14 +20,6 @@ DEMO_FORMATS = [
 ]
 
 
-def _quantize_sd(sd, fmt):
-    from .loaders.keys import should_quantize
-    from .optimizations import quantize
-    if fmt == "none":
-        return dict(sd)
-    return {k: (quantize(v, fmt) if should_quantize(k, v.shape) else v) for k, v in sd.items()}
-
-
 def _write(path, sd, writer):
     from .loaders.writers import write_gguf, write_safetensors
     if writer == "gguf":
@@ -53,7 +45,7 @@ def _dequant_all(sd, device, dtype):
 
 def demo(args):
     import torch
-    from .loaders import load_model_file
+    from .loaders import load_model_file, quantize_state_dict
     from .loaders.flux_layout import FluxConfig, random_flux_state_dict
     from .optimizations import QTensor, dequantize
 
@@ -66,7 +58,7 @@ def demo(args):
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for label, writer, conv in DEMO_FORMATS:
             path = os.path.join(tmp, "model" + (".gguf" if writer == "gguf" else ".safetensors"))
-            _write(path, _quantize_sd(ref, conv), writer)
+            _write(path, ref if conv == "none" else quantize_state_dict(ref, conv), writer)
             t0 = time.perf_counter()
             sd, info = load_model_file(path)
             load_s = time.perf_counter() - t0

@@ -41,7 +41,7 @@ def load_model_file(path, convert: str = "none", progress=None, check_arch: bool
 
 def convert_state_dict(sd, convert, info, progress=None):
     """Quantize the big block linears of a float state dict (on-load conversion)."""
-    from ..optimizations import QTensor, quantize
+    from ..optimizations import QTensor
     convert = convert or "none"
     if convert not in CONVERSIONS:
         raise ValueError(f"unknown conversion {convert!r}; choose one of {', '.join(CONVERSIONS)}")
@@ -50,13 +50,21 @@ def convert_state_dict(sd, convert, info, progress=None):
     if any(isinstance(v, QTensor) for v in sd.values()):
         info["conversion"] = f"skipped: the file is already quantized ({info.get('format', 'gguf')})"
         return sd
+    out = quantize_state_dict(sd, convert, progress)
+    info["conversion"] = f"{convert}: {sum(out[k] is not sd[k] for k in sd)} tensors"
+    return out
+
+
+def quantize_state_dict(sd, fmt, progress=None):
+    """A copy of `sd` with the big block linears (keys.should_quantize) quantized to `fmt`, any format
+    `optimizations.quantize` takes ("Q5_1", "nf4", "fp8_e4m3fn_scaled", ...); other entries are shared."""
+    from ..optimizations import quantize
     keys = [k for k, v in sd.items() if should_quantize(k, v.shape) and v.is_floating_point()]
     out = dict(sd)
     for i, k in enumerate(keys):
-        out[k] = quantize(sd[k], convert)
+        out[k] = quantize(sd[k], fmt)
         if progress:
             progress(i + 1, len(keys))
-    info["conversion"] = f"{convert}: {len(keys)} tensors"
     return out
 
 
@@ -65,4 +73,4 @@ def load_state_dict(path, convert: str = "none"):
     return load_model_file(path, convert=convert)[0]
 
 
-__all__ = ["load_state_dict", "load_model_file", "convert_state_dict", "ModelFileError", "CONVERSIONS"]
+__all__ = ["load_state_dict", "load_model_file", "convert_state_dict", "quantize_state_dict", "ModelFileError", "CONVERSIONS"]

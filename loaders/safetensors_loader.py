@@ -80,7 +80,7 @@ def read_safetensors(path, progress=None):
     marker = [k for k in sd if k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER)]
     for k in marker:
         del sd[k]
-    n_quant = 0
+    n_quant = n_scaled = 0
     for key in [k for k in sd if k.endswith(".weight")]:
         w = sd[key]
         layer = key[: -len(".weight")]
@@ -100,9 +100,9 @@ def read_safetensors(path, progress=None):
             raise ModelFileError(path, f"layer {layer!r} has a {scale.numel()}-element weight scale; only per-tensor scales are supported")
         sd[key] = QTensor(w, qformat="fp8", shape=w.shape, aux=aux)
         n_quant += 1
+        n_scaled += scale is not None
     if n_quant:
-        scaled = any("scale" in sd[k].aux for k in sd if isinstance(sd[k], QTensor))
-        kind = "comfy_quant" if layers else ("scaled" if scaled else "plain")
+        kind = "comfy_quant" if layers else ("scaled" if n_scaled else "plain")
         info["format"] = f"fp8 ({kind})"
     else:
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})

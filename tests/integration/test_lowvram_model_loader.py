@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import comfy_harness as H
+from kontext_lowvram.loaders import quantize_state_dict
 from kontext_lowvram.loaders.keys import should_quantize
 from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
-from kontext_lowvram.optimizations import QTensor, dequantize, quantize
+from kontext_lowvram.optimizations import QTensor, dequantize
 from kontext_lowvram.optimizations.quant import gguf as gq
 
 # format -> (file suffix, quantization, writer option, bound vs the bf16 original).
@@ -58,7 +59,7 @@ def write_format(comfy, original):
     def write(fmt):
         if fmt not in cache:
             suffix, quant, style, _ = FORMATS[fmt]
-            sd = {k: (quantize(v, quant) if should_quantize(k, v.shape) else v) for k, v in original.items()}
+            sd = quantize_state_dict(original, quant)
             path = comfy.models_dir / "diffusion_models" / f"klv_{fmt}{suffix}"
             write_gguf(path, sd) if suffix == ".gguf" else write_safetensors(path, sd, fp8_style=style)
             cache[fmt] = (path.name, sd)
