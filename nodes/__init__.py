@@ -1,6 +1,7 @@
 """ComfyUI adapters. Nothing here imports comfy.* at import time."""
 from .attention import LowVRAMAttention
 from .model_loader import LowVRAMModelLoader
+from .text_encoder import LowVRAMTextEncode, LowVRAMTextEncoderLoader
 from .tiled_vae import LowVRAMTiledVAEDecode, LowVRAMTiledVAEEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -8,10 +9,14 @@ NODE_CLASS_MAPPINGS = {
     "LowVRAMTiledVAEDecode": LowVRAMTiledVAEDecode,
     "LowVRAMTiledVAEEncode": LowVRAMTiledVAEEncode,
     "LowVRAMAttention": LowVRAMAttention,
+    "LowVRAMTextEncoderLoader": LowVRAMTextEncoderLoader,
+    "LowVRAMTextEncode": LowVRAMTextEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LowVRAMModelLoader": "Load Diffusion Model (GGUF/FP8/NF4) · Kontext LowVRAM",
     "LowVRAMTiledVAEDecode": "Tiled VAE Decode (seam-free) · Kontext LowVRAM",
     "LowVRAMTiledVAEEncode": "Tiled VAE Encode (seam-free) · Kontext LowVRAM",
     "LowVRAMAttention": "Attention Backend · Kontext LowVRAM",
+    "LowVRAMTextEncoderLoader": "Load Text Encoders (lazy, GGUF/FP8) · Kontext LowVRAM",
+    "LowVRAMTextEncode": "Text Encode FLUX (cached) · Kontext LowVRAM",
 }
