@@ -1,5 +1,6 @@
 """ComfyUI adapters. Nothing here imports comfy.* at import time."""
 from .attention import LowVRAMAttention
+from .lora import LowVRAMLoraLoader
 from .model_loader import LowVRAMModelLoader
 from .text_encoder import LowVRAMTextEncode, LowVRAMTextEncoderLoader
 from .tiled_vae import LowVRAMTiledVAEDecode, LowVRAMTiledVAEEncode
@@ -9,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "LowVRAMTiledVAEDecode": LowVRAMTiledVAEDecode,
     "LowVRAMTiledVAEEncode": LowVRAMTiledVAEEncode,
     "LowVRAMAttention": LowVRAMAttention,
+    "LowVRAMLoraLoader": LowVRAMLoraLoader,
     "LowVRAMTextEncoderLoader": LowVRAMTextEncoderLoader,
     "LowVRAMTextEncode": LowVRAMTextEncode,
 }
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LowVRAMTiledVAEDecode": "Tiled VAE Decode (seam-free) · Kontext LowVRAM",
     "LowVRAMTiledVAEEncode": "Tiled VAE Encode (seam-free) · Kontext LowVRAM",
     "LowVRAMAttention": "Attention Backend · Kontext LowVRAM",
+    "LowVRAMLoraLoader": "LoRA on Quantized Model (low-rank) · Kontext LowVRAM",
     "LowVRAMTextEncoderLoader": "Load Text Encoders (lazy, GGUF/FP8) · Kontext LowVRAM",
     "LowVRAMTextEncode": "Text Encode FLUX (cached) · Kontext LowVRAM",
 }

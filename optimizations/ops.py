@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from .fp8_linear import fp8_linear, use_fp8_matmul
+from .lora import split_low_rank
 from .qtensor import QTensor
 from .quant import dequantize_raw
 
@@ -45,23 +47,50 @@ def quantized_bytes(module) -> int:
     return n + sum(getattr(module, AUX_PREFIX + a).nbytes for a in module.klv_aux_names)
 
 
+def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
+    """x @ W.T + b for a quantized module whose raw storage is already on x's device.
+
+    e4m3 weights take a real fp8 matmul where the GPU has one (unless weight functions must see the dense
+    weight); everything else is dequantized just in time. Low-rank LoRA deltas are added to the output, so
+    the quantized base is never merged or re-dequantized for them.
+    """
+    low_rank, weight_fns = split_low_rank(weight_fns)
+    if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
+        scale = getattr(module, AUX_PREFIX + "scale") if "scale" in module.klv_aux_names else None
+        out = fp8_linear(x, raw, scale, bias)
+    else:
+        weight = dequantize_module_weight(module, raw, x.dtype)
+        for f in weight_fns:
+            weight = f(weight)
+        out = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    for delta in low_rank:
+        delta.apply(x, out)
+    return out
+
+
 class QuantLinear(torch.nn.Module):
     """Plain-PyTorch quantized linear: y = x @ dequant(W).T + b, dequantized on x's device in x's dtype."""
 
-    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None, fp8_matmul: bool = False):
         super().__init__()
         adopt_quantized_weight(self, qweight)
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.out_features, self.in_features = qweight.qshape
+        self.fp8_matmul = fp8_matmul
+        self.weight_function = []  # e.g. LowRankDelta, as ComfyUI's weight wrappers
 
     def forward(self, x):
-        w = dequantize_module_weight(self, self.weight.to(x.device, non_blocking=True), x.dtype)
         b = self.bias.to(device=x.device, dtype=x.dtype) if self.bias is not None else None
-        return torch.nn.functional.linear(x, w, b)
+        return quantized_linear(self, x, self.weight.to(x.device, non_blocking=True), b, self.weight_function,
+                                self.fp8_matmul)
 
 
-def make_comfy_ops():
-    """ComfyUI `custom_operations` (a manual_cast subclass) whose Linear takes QTensor weights."""
+def make_comfy_ops(fp8_matmul: bool = True):
+    """ComfyUI `custom_operations` (a manual_cast subclass) whose Linear takes QTensor weights.
+
+    fp8_matmul: e4m3 weights multiply in fp8 on GPUs that support it (see fp8_linear); False always upcasts.
+    A new class per call, so one load's options never reach another's modules.
+    """
     import comfy.ops
     base = comfy.ops.manual_cast
     cast_params = inspect.signature(comfy.ops.cast_bias_weight).parameters
@@ -119,10 +148,7 @@ def make_comfy_ops():
                 if not is_quantized(self):
                     return super().forward_comfy_cast_weights(input, *args, **kwargs)
                 raw, bias, stream, fns = cast_raw(self, input)
-                weight = dequantize_module_weight(self, raw, input.dtype)
-                for f in fns:
-                    weight = f(weight)
-                out = torch.nn.functional.linear(input, weight.to(input.dtype), bias)
+                out = quantized_linear(self, input, raw, bias, fns, fp8_matmul)
                 if stream is not None:
                     comfy.ops.uncast_bias_weight(self, raw, bias, stream)
                 return out

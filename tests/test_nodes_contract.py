@@ -17,6 +17,7 @@ def fake_folder_paths(tmp_path, monkeypatch):
         f.write_bytes(b"x")
     mod = types.ModuleType("folder_paths")
     mod.get_folder_paths = lambda name: [str(dm), str(unet)] if name == "diffusion_models" else []
+    mod.get_filename_list = lambda name: ["style.safetensors"] if name == "loras" else []
     monkeypatch.setitem(sys.modules, "folder_paths", mod)
     return tmp_path
 
@@ -42,7 +43,7 @@ def test_model_list_and_paths(fake_folder_paths):
 def test_package_imports_without_comfyui():
     """Importing the pack (as ComfyUI and the tests do) must not import comfy.* or folder_paths."""
     import subprocess
-    code = ("import sys, kontext_lowvram, kontext_lowvram.loaders, kontext_lowvram.optimizations.ops, kontext_lowvram.cli;"
+    code = ("import sys, kontext_lowvram, kontext_lowvram.loaders, kontext_lowvram.optimizations.ops, kontext_lowvram.cli, kontext_lowvram.bench;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')];"
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -615,7 +615,8 @@ def kontext_edit_graph(
     latent = EmptySD3LatentImage or the encoded image at denoise 1.0) -> VAEDecode -> SaveImage
     ("save_image"); SaveLatent ("save_latent") of the sampler output.
 
-    ``lora``: a file name in models/loras or ``{"lora_name": ..., "strength_model": ...}``.
+    ``lora``: a file name in models/loras or ``{"lora_name": ..., "strength_model": ..., "class_type": ...}``
+    (class_type defaults to core's LoraLoaderModelOnly).
     ``nonce`` changes nothing numerically but forces re-execution past ComfyUI's cache.
     ``extra_nodes`` are merged in last (may override any node by id).
     """
@@ -638,7 +639,7 @@ def kontext_edit_graph(
     if lora is not None:
         spec = {"lora_name": lora} if isinstance(lora, str) else dict(lora)
         spec.setdefault("strength_model", 1.0)
-        g["lora"] = node("LoraLoaderModelOnly", model=model_ref, **spec)
+        g["lora"] = node(spec.pop("class_type", "LoraLoaderModelOnly"), model=model_ref, **spec)
         model_ref = ["lora", 0]
     if latent_from_image:
         latent_ref = ["encode", 0]

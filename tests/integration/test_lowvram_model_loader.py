@@ -169,6 +169,25 @@ def test_core_lora_applies_to_quantized_model(comfy, write_format, exact_referen
     assert torch.equal(zero, plain)
 
 
+@pytest.mark.parametrize("fmt", ["gguf_q8_0", "nf4_bnb", "fp8_e4m3fn_scaled"])
+def test_low_rank_lora_node_equals_core_lora(comfy, write_format, exact_reference, flux_lora, fmt):
+    """Our LowVRAMLoraLoader (low-rank side product, base stays quantized) = core's LoRA merged into an fp32
+    model of the same values; strength 0.5 then 1.0 (a strength change re-uses the plan)."""
+    name = write_format(fmt)
+    plain = run_latent(comfy, ours(name), f"lr0_{fmt}")
+    with exact_reference(write_format.state_dict(fmt), f"klv_{fmt}") as ref_name:
+        for strength in (0.5, 1.0):
+            spec = {"lora_name": flux_lora, "strength_model": strength}
+            ours_lat = run_latent(comfy, ours(name), f"lr_{fmt}_{strength}",
+                                  lora=dict(spec, class_type="LowVRAMLoraLoader"))
+            core_lat = run_latent(comfy, H.unet_loader_node(ref_name), f"lr_core_{fmt}_{strength}", lora=spec)
+            effect, err = rel(ours_lat, plain), rel(ours_lat, core_lat)
+            print(f"{comfy.version} {fmt} strength {strength}: low-rank LoRA effect {effect:.4f}; "
+                  f"vs core LoRA on the same values {err:.5f}")
+            assert effect > 0.02
+            assert err < 0.01  # bf16 low-rank product vs fp32 merge: no bf16 rounding of the merged weight
+
+
 def test_corrupt_file_fails_cleanly_and_server_survives(comfy, write_format):
     src = comfy.models_dir / "diffusion_models" / write_format("gguf_q8_0")
     bad = comfy.models_dir / "diffusion_models" / "klv_truncated.gguf"

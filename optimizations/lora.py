@@ -1,0 +1,126 @@
+"""LoRA on quantized weights as a separate low-rank product: y = x·Wᵀ + s·(x·Dᵀ)·Uᵀ.
+
+The quantized base is never re-dequantized or merged for a LoRA: its factors (up U: out×r, down D: r×in) are cast
+to the compute device and dtype once and kept (per device/dtype), and each forward adds two thin matmuls — for a
+rank-32 LoRA on FLUX about 1 % of the layer's FLOPs. Strength is a plain multiplier, so changing it re-uses the
+cast factors and never touches the base weight.
+
+`LowRankDelta` is also a ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`): called on a dense weight it
+returns the merged weight, so any code path that only knows weight functions still gets the right result.
+The scale follows ComfyUI's LoRA semantics (`comfy.weight_adapter.lora.LoRAAdapter.calculate_weight`):
+delta = strength · (alpha / rank) · U·D, with alpha defaulting to rank.
+"""
+import torch
+
+
+class LowRankDelta:
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha=None, strength: float = 1.0, offset=None):
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"LoRA factors must be up (out×r) and down (r×in); got {tuple(up.shape)} and "
+                             f"{tuple(down.shape)}")
+        self.up, self.down = up, down
+        rank = down.shape[0]
+        self.alpha_scale = float(alpha) / rank if alpha is not None else 1.0
+        self.strength = float(strength)
+        # ComfyUI offsets are (dim, start, length) into a fused weight (e.g. q, k, v of a qkv Linear).
+        if offset is not None and offset[0] != 0:
+            raise ValueError("only output-dimension LoRA offsets can be applied as a low-rank product")
+        self.offset = offset
+        self._cast = {}
+
+    def with_strength(self, strength: float) -> "LowRankDelta":
+        """The same factors (and their device copies) at another strength: nothing is re-cast."""
+        other = object.__new__(LowRankDelta)
+        other.__dict__.update(self.__dict__)  # shares the factor-copy cache on purpose
+        other.strength = float(strength)
+        return other
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.alpha_scale
+
+    def factors(self, device, dtype):
+        key = (str(device), dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
+        return self._cast[key]
+
+    def move_to(self, device=None) -> int:
+        """ComfyUI's weight-function hook (model_patcher.move_weight_functions): called with the device the model
+        is being loaded to; counts our factors in the host's memory accounting and drops copies kept on other
+        devices, so an unloaded model leaves no LoRA factors behind in VRAM."""
+        if device is None:
+            return 0
+        self._cast = {k: v for k, v in self._cast.items() if k[0] == str(torch.device(device))}
+        return self.memory_bytes() if torch.device(device).type != "cpu" else 0
+
+    def memory_bytes(self) -> int:
+        return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + scale · (x·Dᵀ)·Uᵀ, added in place into the output slice this LoRA targets."""
+        down, up = self.factors(x.device, x.dtype)
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        if self.scale != 1.0:
+            delta = delta * self.scale
+        if self.offset is None:
+            return out.add_(delta)
+        _, start, length = self.offset
+        out.narrow(-1, start, length).add_(delta)
+        return out
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        """Merge into a dense weight (the path for layers that are not quantized)."""
+        down, up = self.factors(weight.device, torch.float32)
+        delta = (up @ down) * self.scale
+        if self.offset is None:
+            return weight + delta.to(weight.dtype)
+        weight = weight.clone()
+        _, start, length = self.offset
+        weight.narrow(0, start, length).add_(delta.to(weight.dtype))
+        return weight
+
+
+def split_low_rank(functions):
+    """(low-rank deltas, other weight functions) from a module's weight_function list."""
+    low = [f for f in functions if isinstance(f, LowRankDelta)]
+    return low, [f for f in functions if not isinstance(f, LowRankDelta)]
+
+
+def lora_adapter_factors(patch):
+    """(up, down, alpha) when `patch` is a plain LoRA (no DoRA, LoCon mid or reshape), else None.
+
+    Accepts ComfyUI's `LoRAAdapter` (weights = (up, down, alpha, mid, dora_scale, reshape)) and the older
+    ("lora", (up, down, alpha, mid, dora_scale, reshape)) tuples.
+    """
+    weights = getattr(patch, "weights", None)
+    if weights is None and isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "lora":
+        weights = patch[1]
+    if getattr(patch, "name", "lora") != "lora" or weights is None or len(weights) < 2:
+        return None
+    up, down = weights[0], weights[1]
+    extra = list(weights[3:6]) + [None] * (3 - len(weights[3:6]))
+    if any(e is not None for e in extra) or up.dim() != 2 or down.dim() != 2:
+        return None
+    alpha = weights[2] if len(weights) > 2 else None
+    return up, down, (float(alpha) if alpha is not None else None)
+
+
+def plan_low_rank(patches: dict, is_quantized_key) -> tuple[dict, dict]:
+    """Split loaded LoRA patches into low-rank deltas for quantized weights and the rest.
+
+    patches: what `comfy.lora.load_lora` returns, {weight key or (weight key, offset): adapter}.
+    is_quantized_key(weight_key) -> bool. Returns ({weight key: [LowRankDelta, ...]} at strength 1, {rest}).
+    Everything that is not a plain LoRA on a quantized weight (DoRA, LoHa, LoKr, diffs, biases, dense layers)
+    stays in `rest` for the host's own patching, which already handles it correctly.
+    """
+    low_rank, rest = {}, {}
+    for key, patch in patches.items():
+        weight_key, offset = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+        factors = lora_adapter_factors(patch) if is_quantized_key(weight_key) else None
+        if factors is None or (offset is not None and offset[0] != 0):
+            rest[key] = patch
+            continue
+        up, down, alpha = factors
+        low_rank.setdefault(weight_key, []).append(LowRankDelta(up, down, alpha, 1.0, offset))
+    return low_rank, rest

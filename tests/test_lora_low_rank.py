@@ -1,0 +1,93 @@
+"""LoRA on quantized weights as a low-rank product vs the merged-weight reference (ComfyUI's LoRA math)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kontext_lowvram.optimizations import dequantize, quantize
+from kontext_lowvram.optimizations.lora import LowRankDelta, lora_adapter_factors, plan_low_rank
+from kontext_lowvram.optimizations.ops import QuantLinear
+
+
+def merged_reference(w, up, down, alpha, strength):
+    """ComfyUI's LoRAAdapter.calculate_weight: W + strength * (alpha / rank) * up @ down (fp64 here)."""
+    return w.double() + strength * (alpha / down.shape[0]) * (up.double() @ down.double())
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "nf4", "fp8_e4m3fn_scaled"])
+def test_low_rank_lora_equals_merged_weight(fmt):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g) * 0.02
+    up, down = torch.randn(96, 8, generator=g) * 0.1, torch.randn(8, 256, generator=g) * 0.1
+    x = torch.randn(3, 5, 256, generator=g)
+    qw = quantize(w, fmt)
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(up, down, alpha=4.0, strength=0.7)]
+    ref = x.double() @ merged_reference(dequantize(qw, torch.float64), up, down, 4.0, 0.7).T
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert layer.weight.dtype in (torch.uint8, torch.float8_e4m3fn)  # the base is never merged
+
+
+def test_strength_change_reuses_cast_factors_and_base():
+    up, down = torch.randn(32, 4), torch.randn(4, 64)
+    d = LowRankDelta(up, down, alpha=None, strength=1.0)
+    x = torch.randn(10, 64, dtype=torch.bfloat16)
+    d.apply(x, torch.zeros(10, 32, dtype=torch.bfloat16))
+    d2 = d.with_strength(-0.5)
+    assert d2.factors(x.device, x.dtype)[0] is d.factors(x.device, x.dtype)[0]  # no re-cast
+    out = d2.apply(x.float(), torch.zeros(10, 32))
+    torch.testing.assert_close(out, -0.5 * (x.float() @ down.T @ up.T), rtol=1e-4, atol=1e-4)
+    assert d.strength == 1.0
+
+
+def test_offset_targets_a_slice_of_a_fused_weight():
+    # diffusers-format FLUX LoRAs patch q, k, v separately into the fused qkv Linear: offset (0, start, len)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3 * 32, 64, generator=g) * 0.02
+    up, down = torch.randn(32, 4, generator=g), torch.randn(4, 64, generator=g)
+    d = LowRankDelta(up, down, alpha=2.0, strength=1.0, offset=(0, 32, 32))
+    x = torch.randn(7, 64, generator=g)
+    layer = QuantLinear(quantize(w, "Q8_0"))
+    layer.weight_function = [d]
+    merged = dequantize(quantize(w, "Q8_0"), torch.float64).clone()
+    merged[32:64] += 0.5 * (up.double() @ down.double())
+    torch.testing.assert_close(layer(x).double(), x.double() @ merged.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d(dequantize(quantize(w, "Q8_0"))).double(), merged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        LowRankDelta(up, down, offset=(1, 0, 4))
+
+
+def test_merge_fallback_for_dense_layers():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 8, dtype=torch.float64, generator=g)
+    up, down = torch.randn(16, 2, generator=g), torch.randn(2, 8, generator=g)
+    merged = LowRankDelta(up, down, alpha=1.0, strength=2.0)(w)
+    assert merged.dtype == torch.float64
+    # the delta is formed in float32 (as ComfyUI's LoRA math does by default), then added
+    torch.testing.assert_close(merged, merged_reference(w, up, down, 1.0, 2.0), rtol=1e-6, atol=1e-6)
+
+
+def test_plan_keeps_only_plain_lora_on_quantized_weights():
+    up, down = torch.randn(16, 2), torch.randn(2, 8)
+    lora = SimpleNamespace(name="lora", weights=(up, down, torch.tensor(2.0), None, None, None))
+    dora = SimpleNamespace(name="lora", weights=(up, down, None, None, torch.ones(16, 1), None))
+    loha = SimpleNamespace(name="loha", weights=(up, down))
+    patches = {"q.weight": lora, "dense.weight": lora, "dora.weight": dora, "loha.weight": loha,
+               ("fused.weight", (0, 8, 16)): lora, ("odd.weight", (1, 0, 4)): lora, "q.bias": ("diff", (up,))}
+    low, rest = plan_low_rank(patches, lambda key: key != "dense.weight")
+    assert set(low) == {"q.weight", "fused.weight"}
+    assert low["fused.weight"][0].offset == (0, 8, 16)
+    assert low["q.weight"][0].alpha_scale == pytest.approx(1.0)  # alpha 2 / rank 2
+    assert set(rest) == {"dense.weight", "dora.weight", "loha.weight", ("odd.weight", (1, 0, 4)), "q.bias"}
+    assert lora_adapter_factors(("lora", (up, down, None, None, None, None)))[2] is None
+
+
+def test_move_to_reports_memory_and_drops_copies_on_unload():
+    up, down = torch.randn(32, 4), torch.randn(4, 64)
+    d = LowRankDelta(up, down)
+    d.factors(torch.device("cpu"), torch.bfloat16)
+    assert d.move_to(None) == 0
+    assert d.move_to(torch.device("meta")) == up.nbytes + down.nbytes  # loading to an accelerator: counted
+    assert not d._cast  # the cpu copy is not kept for a model living elsewhere
+    d.factors(torch.device("cpu"), torch.bfloat16)
+    assert d.move_to("cpu") == 0 and d._cast  # offloaded to the CPU: nothing held on a GPU
