@@ -1,4 +1,4 @@
-"""`kontext-lowvram` command line: `demo` (the README's first command) and `info FILE`."""
+"""`kontext-lowvram` command line: `demo` (the README's first command), `info FILE` and `bench` (GPU)."""
 import argparse
 import os
 import sys
@@ -118,6 +118,8 @@ def main(argv=None):
     i = sub.add_parser("info", help="detect a model file's format and architecture")
     i.add_argument("file")
     i.set_defaults(fn=info)
+    from .bench import add_parser, bench_main
+    add_parser(sub).set_defaults(fn=bench_main)
     args = p.parse_args(argv)
     return args.fn(args)
 
