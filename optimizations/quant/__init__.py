@@ -2,21 +2,31 @@
 
 Each family module (gguf, nf4, fp8) owns its block geometry, `dequantize` (vectorised torch, any device) and
 `quantize` (for on-load conversion and the converter). `dequantize_raw` is the single dispatch point used by the
-public `dequantize`, the quantized ops and the CLI.
+public `dequantize`, the quantized ops and the CLI; on CUDA it sends GGUF and NF4 to the fused Triton kernels of
+`triton_dequant` when those can run there.
 """
 import torch
 
 from .common import QuantDataError, UnsupportedQuantType
 
 
+# GGUF and NF4 take the fused Triton kernels (one launch per weight) where triton_dequant.available() says they run:
+# Triton installed, an NVIDIA CUDA device, KLV_NO_TRITON unset. The torch code stays the reference everywhere else.
+
 def _dequant_gguf(raw, meta, aux, shape, dtype):
-    from . import gguf
-    return gguf.dequantize(raw, meta["qtype"], shape, dtype)
+    from . import gguf, triton_dequant
+    qtype = meta["qtype"]
+    if triton_dequant.supports_gguf(qtype, dtype) and triton_dequant.available(raw.device):
+        return triton_dequant.dequantize_gguf(raw, qtype, shape, dtype)
+    return gguf.dequantize(raw, qtype, shape, dtype)
 
 
 def _dequant_nf4(raw, meta, aux, shape, dtype):
-    from . import nf4
-    return nf4.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+    from . import nf4, triton_dequant
+    q = nf4_weight_from_parts(raw, meta, aux, shape)
+    if dtype in triton_dequant.OUT_DTYPES and triton_dequant.available(raw.device):
+        return triton_dequant.dequantize_nf4(q, dtype=dtype, device=raw.device)
+    return nf4.dequantize_nf4(q, dtype=dtype, device=raw.device)
 
 
 def _dequant_fp8(raw, meta, aux, shape, dtype):

@@ -1,0 +1,263 @@
+"""GPU check for the fused Triton dequant kernels (run by hand on a CUDA machine; not collected by pytest).
+
+For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K, NF4 plain and double-quantized) at the FLUX.1
+linear shapes it checks that the Triton result equals the torch reference exactly (bf16, fp16, fp32 outputs),
+times both (triton.testing.do_bench, bf16 output) and prints a markdown table with the bandwidth reached
+(raw bytes read + output bytes written, per second). Then it checks that torch.compile(fullgraph=True) of
+dequant + matmul goes through `dequantize_raw` without a graph break and matches eager, and counts the kernels one
+weight costs on each path. Everything goes to stdout; about a minute on an H100.
+
+  python tests/gpu/kernel_check.py               # exactness + timings + torch.compile
+  python tests/gpu/kernel_check.py --sweep       # also time other tile sizes (blocks per program x warps)
+  python tests/gpu/kernel_check.py --quick       # two shapes only
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+# Run from a checkout without installing: the repository root is the package `kontext_lowvram`.
+try:
+    import kontext_lowvram  # noqa: F401
+except ImportError:
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("kontext_lowvram", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kontext_lowvram"] = module
+    spec.loader.exec_module(module)
+
+from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight  # noqa: E402
+from kontext_lowvram.optimizations.quant import gguf as gq  # noqa: E402
+from kontext_lowvram.optimizations.quant import nf4 as nf4q  # noqa: E402
+from kontext_lowvram.optimizations.quant import triton_dequant as td  # noqa: E402
+
+# Every distinct Linear weight shape (out, in) of FLUX.1 dev/schnell/Kontext (hidden 3072, MLP 12288).
+FLUX_SHAPES = [
+    (3072, 3072),    # double blocks: img/txt_attn.proj
+    (9216, 3072),    # double blocks: img/txt_attn.qkv; single blocks: modulation.lin
+    (12288, 3072),   # double blocks: img/txt_mlp.0
+    (3072, 12288),   # double blocks: img/txt_mlp.2
+    (18432, 3072),   # double blocks: img/txt_mod.lin
+    (21504, 3072),   # single blocks: linear1 (qkv + mlp in)
+    (3072, 15360),   # single blocks: linear2 (attn + mlp out)
+]
+FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "nf4", "nf4-nested"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def gguf_blocks(qtype, shape, seed, device):
+    """Random valid blocks made on the GPU: random bytes, every fp16 scale field a random finite value."""
+    block, type_size = gq.GGML_QUANT_SIZES[gq.qtype_of(qtype)]
+    n = math.prod(shape) // block
+    g = torch.Generator(device=device).manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, type_size), dtype=torch.uint8, device=device, generator=g)
+    for off in gq.FP16_FIELDS[gq.qtype_of(qtype)]:
+        d = (torch.randn(n, device=device, generator=g) * 1e-3).to(torch.float16)
+        blocks[:, off:off + 2] = d.view(torch.uint8).view(n, 2)
+    return blocks.view(shape[0], -1)
+
+
+def make(fmt, shape, seed, device):
+    """(raw, meta, aux, raw bytes incl. statistics) for dequantize_raw."""
+    if fmt.startswith("nf4"):
+        g = torch.Generator(device=device).manual_seed(seed)
+        w = torch.randn(shape, device=device, generator=g) * 0.02
+        q = nf4q.quantize_nf4(w, blocksize=64, double_quant=fmt == "nf4-nested")
+        raw, meta, aux = nf4_parts_from_weight(q)
+        return raw, meta, aux, q.nbytes()
+    raw = gguf_blocks(fmt, shape, seed, device)
+    return raw, {"qtype": fmt}, {}, raw.numel()
+
+
+def reference(fmt, raw, meta, aux, shape, dtype):
+    if fmt.startswith("nf4"):
+        from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
+        return nf4q.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+    return gq.dequantize(raw, meta["qtype"], shape, dtype)
+
+
+def fused(fmt, raw, meta, aux, shape, dtype):
+    if fmt.startswith("nf4"):
+        from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
+        return td.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+    return td.dequantize_gguf(raw, meta["qtype"], shape, dtype)
+
+
+def bench(fn):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100) * 1e-3  # seconds
+
+
+def check_and_time(shapes, device):
+    print("\n## Exactness (torch.equal vs the torch reference) and speed, bf16 output\n")
+    print("| format | shape | exact bf16/fp16/fp32 | torch µs | Triton µs | speed-up | Triton GB/s | bytes/elem in |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    all_exact = True
+    summary = {}
+    for fmt in FORMATS:
+        for i, shape in enumerate(shapes):
+            raw, meta, aux, nbytes = make(fmt, shape, seed=i, device=device)
+            exact = []
+            for dtype in DTYPES:
+                a = fused(fmt, raw, meta, aux, shape, dtype)
+                b = reference(fmt, raw, meta, aux, shape, dtype)
+                ok = torch.equal(a, b)
+                if not ok:
+                    bad = (a != b).sum().item()
+                    diff = (a.float() - b.float()).abs().max().item()
+                    print(f"MISMATCH {fmt} {shape} {dtype}: {bad} elements differ, max |diff| {diff}")
+                exact.append("✓" if ok else "✗")
+                all_exact &= ok
+                del a, b
+            t_ref = bench(lambda: reference(fmt, raw, meta, aux, shape, torch.bfloat16))
+            t_tri = bench(lambda: fused(fmt, raw, meta, aux, shape, torch.bfloat16))
+            moved = nbytes + math.prod(shape) * 2
+            gbs = moved / t_tri / 1e9
+            summary.setdefault(fmt, []).append(gbs)
+            print(f"| {fmt} | {shape[0]}x{shape[1]} | {'/'.join(exact)} | {t_ref * 1e6:.0f} | {t_tri * 1e6:.1f} | "
+                  f"{t_ref / t_tri:.1f}x | {gbs:.0f} | {nbytes / math.prod(shape):.3f} |", flush=True)
+            del raw, aux
+    # the bandwidth to compare with: a plain device-to-device copy of a bf16 weight of the biggest shape
+    x = torch.empty(max(shapes, key=math.prod), dtype=torch.bfloat16, device=device)
+    t_copy = bench(lambda: x.clone())
+    print(f"\nreference: bf16 clone of {tuple(x.shape)} moves {2 * x.numel() * 2 / t_copy / 1e9:.0f} GB/s "
+          f"(read + write)")
+    print("mean Triton GB/s per format: " + ", ".join(f"{k} {sum(v) / len(v):.0f}" for k, v in summary.items()))
+    print(f"\nALL EXACT: {all_exact}")
+    return all_exact
+
+
+def sweep(device, shape=(3072, 12288)):
+    """Time other tile sizes for each kernel (the defaults live in td.GGUF_CONFIG / td.NF4_CONFIG)."""
+    print(f"\n## Tile sweep at {shape[0]}x{shape[1]}, bf16 output (µs)\n")
+    saved = dict(td.GGUF_CONFIG), dict(td.NF4_CONFIG)
+    try:
+        for fmt in FORMATS:
+            raw, meta, aux, _ = make(fmt, shape, seed=0, device=device)
+            ref = reference(fmt, raw, meta, aux, shape, torch.bfloat16)
+            if fmt.startswith("nf4"):
+                options = [(tile, w) for tile in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8)]
+            else:
+                block, ts, _, _ = saved[0][fmt]
+                nbs = (16, 32, 64, 128, 256) if block == 32 else (1, 2, 4, 8, 16, 32)
+                options = [(nb, w) for nb in nbs for w in (2, 4, 8)]
+            row = []
+            for nb, w in options:
+                if fmt.startswith("nf4"):
+                    td.NF4_CONFIG[fmt == "nf4-nested"] = (nb, w)
+                else:
+                    td.GGUF_CONFIG[fmt] = (block, ts, nb, w)
+                out = fused(fmt, raw, meta, aux, shape, torch.bfloat16)
+                assert torch.equal(out, ref), (fmt, nb, w)
+                row.append((bench(lambda: fused(fmt, raw, meta, aux, shape, torch.bfloat16)) * 1e6, nb, w))
+            row.sort()
+            print(f"{fmt}: best " + ", ".join(f"{what}={nb} warps={w}: {t:.1f}"
+                                              for t, nb, w in row[:4]
+                                              for what in ["tile" if fmt.startswith("nf4") else "NB"]) +
+                  f" | worst {row[-1][0]:.1f}", flush=True)
+            td.GGUF_CONFIG.update(saved[0])
+            td.NF4_CONFIG.update(saved[1])
+    finally:
+        td.GGUF_CONFIG.update(saved[0])
+        td.NF4_CONFIG.update(saved[1])
+
+
+def kernel_counts(device, shape=(3072, 3072)):
+    """CUDA kernels launched by one dequantization on each path (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    print("\n## Kernels per weight (one dequantization to bf16)\n")
+    print("| format | torch path | Triton path |")
+    print("|---|---:|---:|")
+    for fmt in FORMATS:
+        raw, meta, aux, _ = make(fmt, shape, seed=0, device=device)
+        counts = []
+        for fn in (reference, fused):
+            fn(fmt, raw, meta, aux, shape, torch.bfloat16)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(fmt, raw, meta, aux, shape, torch.bfloat16)
+                torch.cuda.synchronize()
+            counts.append(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+        print(f"| {fmt} | {counts[0]} | {counts[1]} |")
+
+
+def compile_check(device):
+    """dequantize_raw + matmul under torch.compile(fullgraph=True): no graph break, same result as eager."""
+    print("\n## torch.compile\n")
+    ok = True
+    shape = (3072, 3072)
+    x = torch.randn(256, shape[1], device=device, dtype=torch.bfloat16)
+    for fmt in ("Q4_K", "Q8_0", "nf4", "nf4-nested"):
+        raw, meta, aux, _ = make(fmt, shape, seed=0, device=device)
+        qformat = "nf4" if fmt.startswith("nf4") else "gguf"
+
+        def f(x, raw, aux):
+            w = dequantize_raw(qformat, raw, meta, aux, shape, x.dtype)
+            return torch.nn.functional.linear(x, w)
+
+        torch._dynamo.reset()
+        try:
+            ok &= _compile_one(fmt, f, x, raw, meta, aux, shape, qformat)
+        except Exception as e:  # report and go on with the next format
+            ok = False
+            print(f"- {fmt}: FAILED {type(e).__name__}: " + " | ".join(str(e).strip().splitlines()[:6]))
+    print(f"\nCOMPILE OK: {ok}")
+    return ok
+
+
+def _compile_one(fmt, f, x, raw, meta, aux, shape, qformat):
+    explain = torch._dynamo.explain(f)(x, raw, aux)
+    eager = f(x, raw, aux)
+    t0 = time.perf_counter()
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x, raw, aux)
+    t_compile = time.perf_counter() - t0
+    same_w = torch.equal(
+        torch.compile(lambda raw, aux: dequantize_raw(qformat, raw, meta, aux, shape, torch.bfloat16),
+                      fullgraph=True)(raw, aux),
+        reference(fmt, raw, meta, aux, shape, torch.bfloat16))
+    diff = (y.float() - eager.float()).abs().max().item()
+    t_eager = bench(lambda: f(x, raw, aux))
+    t_comp = bench(lambda: compiled(x, raw, aux))
+    ok = explain.graph_break_count == 0 and same_w
+    print(f"- {fmt}: graphs {explain.graph_count}, graph breaks {explain.graph_break_count}; fullgraph compile "
+          f"{t_compile:.1f} s; compiled dequant exact: {same_w}; linear max |compiled - eager| {diff:.3g}; "
+          f"eager {t_eager * 1e6:.0f} µs, compiled {t_comp * 1e6:.0f} µs")
+    if explain.graph_break_count:
+        for r in explain.break_reasons:
+            print("    break:", str(r.reason).splitlines()[0])
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
+    p.add_argument("--quick", action="store_true", help="two shapes only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    device = torch.device("cuda")
+    import triton
+    print(f"# Triton dequant check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    print(f"triton_dequant.available: {td.available(device)}; tiles: {td.GGUF_CONFIG}, nf4 {td.NF4_CONFIG}")
+    t0 = time.perf_counter()
+    shapes = FLUX_SHAPES[:1] + FLUX_SHAPES[3:4] if args.quick else FLUX_SHAPES
+    ok = check_and_time(shapes, device)
+    kernel_counts(device)
+    if args.sweep:
+        sweep(device)
+    if not args.no_compile:
+        ok &= compile_check(device)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; {'PASS' if ok else 'FAIL'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
