@@ -32,9 +32,12 @@ def setup_comfy(comfy_path, dynamic_vram):
     import comfy.cli_args
     dynamic = False
     if dynamic_vram != "off" and getattr(comfy.cli_args, "enables_dynamic_vram", lambda: False)():
-        import comfy_aimdo.control
-        comfy_aimdo.control.init()
-        dynamic = True
+        try:
+            import comfy_aimdo.control
+            comfy_aimdo.control.init()
+            dynamic = True
+        except Exception as e:  # as main.py: no working comfy-aimdo -> the classic ModelPatcher
+            print(f"dynamic VRAM unavailable ({e!r}); classic ModelPatcher")
     import comfy.model_management as mm
     import comfy.model_patcher
     if dynamic:
@@ -44,6 +47,9 @@ def setup_comfy(comfy_path, dynamic_vram):
             ok = comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices())
         except TypeError:
             ok = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+        except Exception as e:
+            print(f"dynamic VRAM unavailable ({e!r}); classic ModelPatcher")
+            ok = False
         if ok:
             comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
             comfy.memory_management.aimdo_enabled = True

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-SCENARIOS = ["core", "gpu_then_release", "cpu", "hit"]
+SCENARIOS = ["core", "gpu_then_release", "hit", "cpu"]
 
 
 TINY_T5 = {"d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128, "num_layers": 2}
