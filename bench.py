@@ -57,6 +57,52 @@ def setup_comfy(comfy_path, dynamic_vram):
     return mm, dynamic
 
 
+def stub_missing_pyav():
+    """ComfyUI's nodes.py (imported by ComfyUI-GGUF's nodes.py) pulls in PyAV for its video types only; a GPU box
+    without PyAV gets inert `av` modules so the import works (no video is ever touched here)."""
+    try:
+        import av  # noqa: F401
+        return False
+    except ImportError:
+        pass
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    class AnyMeta(type):  # any attribute of an inert class is another inert class: av.logging.set_level(...)
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return AnyMeta(name, (Any,), {})
+
+    class Any(metaclass=AnyMeta):
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class Inert(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return AnyMeta(name, (Any,), {})
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "av" or name.startswith("av."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            mod = Inert(spec.name)
+            mod.__path__ = []
+            return mod
+
+        def exec_module(self, module):
+            return None
+
+    sys.meta_path.insert(0, Finder())
+    return True
+
+
 def import_gguf_node(path):
     """city96's ComfyUI-GGUF as package `klv_gguf_node` (its folder name has a dash)."""
     spec = importlib.util.spec_from_file_location("klv_gguf_node", os.path.join(path, "__init__.py"),
@@ -65,6 +111,8 @@ def import_gguf_node(path):
     sys.modules["klv_gguf_node"] = mod
     import importlib as il
     ops = il.import_module("klv_gguf_node.ops")
+    if stub_missing_pyav():
+        print("PyAV missing: ComfyUI's video types are stubbed for this run")
     try:
         nodes = il.import_module("klv_gguf_node.nodes")
     except Exception as e:  # its nodes.py imports ComfyUI's nodes.py; the ops alone still measure the kernels

@@ -1,9 +1,12 @@
-"""LoRA on quantized weights as a separate low-rank product: y = x·Wᵀ + s·(x·Dᵀ)·Uᵀ.
-
-The quantized base is never re-dequantized or merged for a LoRA: its factors (up U: out×r, down D: r×in) are cast
-to the compute device and dtype once and kept (per device/dtype), and each forward adds two thin matmuls — for a
-rank-32 LoRA on FLUX about 1 % of the layer's FLOPs. Strength is a plain multiplier, so changing it re-uses the
-cast factors and never touches the base weight.
+"""LoRA on quantized weights without merging it into the stored weight: the factors (up U: out×r, down D: r×in)
+are cast to the compute device and dtype once and kept (per device/dtype/strength), and each forward adds them
+where it is cheapest:
+- into the weight the forward dequantizes anyway (W' = dequant(W) + s·U·D, one fused addmm over the weight) when
+  the activation has more rows than the weight has columns — the Kontext case (8704 tokens): one pass over the
+  weight costs less than one over the output;
+- as a separate low-rank product on the output (y += s·(x·Dᵀ)·Uᵀ, addmm into y) otherwise (few rows, e.g. the
+  modulation layers) and on the fp8 matmul path, which never materialises a dense weight.
+Either way the stored quantized weight is never changed, and strength is a plain multiplier on the small factor.
 
 `LowRankDelta` is also a ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`): called on a dense weight it
 returns the merged weight, so any code path that only knows weight functions still gets the right result.
@@ -54,20 +57,38 @@ class LowRankDelta:
         self._cast = {k: v for k, v in self._cast.items() if k[0] == str(torch.device(device))}
         return self.memory_bytes() if torch.device(device).type != "cpu" else 0
 
-    def memory_bytes(self) -> int:
+    def memory_bytes(self) -> int:  # the factors once; scaled copies are small and per strength
         return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
 
+    def _scaled_up(self, device, dtype):
+        """up · scale, cast once per (device, dtype, scale): the output is then one fused addmm."""
+        key = (str(device), dtype, self.scale)
+        if key not in self._cast:
+            _, up = self.factors(device, dtype)
+            self._cast[key] = (up * self.scale).t()
+        return self._cast[key]
+
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + scale · (x·Dᵀ)·Uᵀ, added in place into the output slice this LoRA targets."""
-        down, up = self.factors(x.device, x.dtype)
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
-        if self.scale != 1.0:
-            delta = delta * self.scale
-        if self.offset is None:
-            return out.add_(delta)
-        _, start, length = self.offset
-        out.narrow(-1, start, length).add_(delta)
+        """out += scale · (x·Dᵀ)·Uᵀ in place, into the output slice this LoRA targets.
+
+        The second product accumulates straight into the output (addmm with beta=1), so the full-size delta is
+        never materialised: one extra read of x for x·Dᵀ and one read+write of the output per LoRA.
+        """
+        down, _ = self.factors(x.device, x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        target = out.view(-1, out.shape[-1])
+        if self.offset is not None:
+            _, start, length = self.offset
+            target = target.narrow(-1, start, length)
+        target.addmm_(x2 @ down.t(), self._scaled_up(x.device, x.dtype))
         return out
+
+    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight += scale · U·D in place (a just-dequantized weight the caller owns): one fused addmm."""
+        down, _ = self.factors(weight.device, weight.dtype)
+        target = weight if self.offset is None else weight.narrow(0, self.offset[1], self.offset[2])
+        target.addmm_(self._scaled_up(weight.device, weight.dtype).t(), down)
+        return weight
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         """Merge into a dense weight (the path for layers that are not quantized)."""

@@ -62,7 +62,15 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
         weight = dequantize_module_weight(module, raw, x.dtype)
         for f in weight_fns:
             weight = f(weight)
-        out = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+        weight = weight.to(x.dtype)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if low_rank and rows > weight.shape[1]:  # merging costs a pass over the weight, < a pass over the output
+            if weight.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+                weight = weight.clone()  # a view of the stored weight (e.g. GGUF F16): never change it in place
+            for delta in low_rank:
+                delta.merge_into(weight)
+            low_rank = []
+        out = torch.nn.functional.linear(x, weight, bias)
     for delta in low_rank:
         delta.apply(x, out)
     return out

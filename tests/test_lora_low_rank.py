@@ -91,3 +91,30 @@ def test_move_to_reports_memory_and_drops_copies_on_unload():
     assert not d._cast  # the cpu copy is not kept for a model living elsewhere
     d.factors(torch.device("cpu"), torch.bfloat16)
     assert d.move_to("cpu") == 0 and d._cast  # offloaded to the CPU: nothing held on a GPU
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # fewer rows than in_features: output path; more: merged path
+def test_both_application_paths_equal_the_merged_reference(rows):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 128, generator=g) * 0.02
+    up, down = torch.randn(48, 4, generator=g) * 0.1, torch.randn(4, 128, generator=g) * 0.1
+    x = torch.randn(rows, 128, generator=g)
+    qw = quantize(w, "Q8_0")
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(up, down, alpha=2.0, strength=1.5, offset=None)]
+    before = layer.weight.clone()
+    ref = x.double() @ merged_reference(dequantize(qw, torch.float64), up, down, 2.0, 1.5).T
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, before)  # the stored quantized weight is untouched
+
+
+def test_merge_never_writes_into_stored_float_weights():
+    # GGUF F16 "dequantizes" to a view of its stored bytes: the merge must work on a copy
+    from kontext_lowvram.optimizations import QTensor
+    w = torch.randn(16, 8).to(torch.float16)
+    qw = QTensor(w.view(torch.uint8), qformat="gguf", shape=(16, 8), meta={"qtype": "F16"})
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(torch.ones(16, 1), torch.ones(1, 8))]
+    before = layer.weight.clone()
+    out = layer(torch.randn(20, 8).to(torch.float16))
+    assert torch.equal(layer.weight, before) and torch.isfinite(out).all()

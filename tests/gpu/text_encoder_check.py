@@ -78,10 +78,15 @@ def scenario(name, workdir, files):
     t0 = time.perf_counter()
     with torch.inference_mode():
         if name == "core":
-            import nodes
+            from kontext_lowvram.bench import stub_missing_pyav
+            stub_missing_pyav()
+            from comfy_extras.nodes_flux import CLIPTextEncodeFlux
             clip = comfy.sd.load_clip(ckpt_paths=[files[clip_l], files[t5]], clip_type=comfy.sd.CLIPType.FLUX,
                                       embedding_directory=None)
-            cond = nodes.NODE_CLASS_MAPPINGS["CLIPTextEncodeFlux"]().encode(clip, "a cat", "make the cat blue", 2.5)
+            if hasattr(CLIPTextEncodeFlux, "execute"):  # v0.29: comfy_api io.ComfyNode
+                cond = CLIPTextEncodeFlux.execute(clip, "a cat", "make the cat blue", 2.5)
+            else:
+                cond = CLIPTextEncodeFlux().encode(clip, "a cat", "make the cat blue", 2.5)
         else:
             from kontext_lowvram.nodes.text_encoder import LowVRAMTextEncode, LowVRAMTextEncoderLoader
             policy = "gpu_then_release" if name == "hit" else name
@@ -114,7 +119,7 @@ def main(args):
     files = write_files(args.workdir, args.t5, args.tiny)
     print(f"wrote {list(files)} in {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
-    for name in SCENARIOS:
+    for name in args.scenarios:
         proc = subprocess.run([sys.executable, __file__, "--scenario", name, "--workdir", args.workdir,
                                "--files", json.dumps(files)], capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -137,6 +142,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--t5", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--workdir", default="/tmp/klv_te_check")
+    p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS)
     p.add_argument("--tiny", action="store_true", help="tiny encoders (smoke test of this script; core rejects them)")
     p.add_argument("--scenario", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)

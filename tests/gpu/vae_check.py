@@ -53,6 +53,9 @@ def main(args):
     comfy.options.enable_args_parsing()
     import comfy.model_management as mm
     import comfy.sd
+
+    from kontext_lowvram.bench import stub_missing_pyav
+    stub_missing_pyav()
     import nodes as core
 
     from kontext_lowvram.loaders.flux_layout import random_flux_vae_state_dict
