@@ -521,7 +521,8 @@ def add_parser(sub):
 
 def bench_main(args):
     import torch
-    args.command_line = "kontext-lowvram " + " ".join(sys.argv[1:])
+    given = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"] + sys.argv[1:]  # also `python -m ...bench`
+    args.command_line = "kontext-lowvram " + " ".join(given)
     if args.smoke:
         sys.argv += ["--cpu"] if not torch.cuda.is_available() else []
     if not args.comfyui:

@@ -18,6 +18,7 @@ from .qtensor import QTensor
 from .quant import dequantize_raw
 
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+FLOAT_GGUF_TYPES = ("F16", "BF16", "F32")  # "dequantized" by reinterpreting the stored bytes
 AUX_PREFIX = "klv_aux_"
 
 
@@ -65,8 +66,8 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
         weight = weight.to(x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)
         if low_rank and rows > weight.shape[1]:  # merging costs a pass over the weight, < a pass over the output
-            if weight.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
-                weight = weight.clone()  # a view of the stored weight (e.g. GGUF F16): never change it in place
+            if module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES:
+                weight = weight.clone()  # may be a view of the stored weight: never change that in place
             for delta in low_rank:
                 delta.merge_into(weight)
             low_rank = []

@@ -34,3 +34,21 @@ def test_aux_tensors_travel_with_the_module():
     layer.to(torch.device("meta"))
     assert all(b.device.type == "meta" for b in layer.buffers())
     assert "klv_aux_absmax" not in layer.state_dict()  # statistics are not persistent state
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "nf4", "fp8_e4m3fn_scaled"])
+def test_quantized_forward_traces_without_graph_breaks(fmt):
+    """torch.compile(fullgraph=True) fails on any graph break in the hot path (dequant + LoRA + matmul)."""
+    from kontext_lowvram.optimizations.lora import LowRankDelta
+    from kontext_lowvram.optimizations.quant import gguf as gq
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    if fmt == "Q4_K":
+        qw = QTensor(gq.random_blocks("Q4_K", (64, 256), std=0.02), qformat="gguf", shape=(64, 256), meta={"qtype": "Q4_K"})
+    else:
+        qw = quantize(torch.randn(64, 256, generator=g) * 0.02, fmt)
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(torch.randn(64, 4, generator=g), torch.randn(4, 256, generator=g), 4.0, 0.5)]
+    x = torch.randn(300, 256, generator=g)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
