@@ -43,17 +43,10 @@ def open_reader(path):
         raise ModelFileError(path, f"not a readable GGUF file ({type(e).__name__}: {e})", REDOWNLOAD) from None
 
 
-def read_gguf(path, progress=None):
-    """-> (state dict of QTensor / plain tensors with the file's key names, info dict)"""
+def read_tensors(reader, path, progress=None):
+    """Every tensor of an open GGUF as {file name: QTensor (block quants) | plain tensor view}, and the count per
+    type. Sizes are checked against each type's block geometry, so a damaged file fails here, naming itself."""
     from ..optimizations.quant import gguf as gq
-    reader = open_reader(path)
-    arch = _field_str(reader, "general.architecture")
-    if arch in TEXT_ARCHS:
-        raise ModelFileError(path, f"is a text-encoder/LLM GGUF (architecture {arch!r}), not a diffusion model",
-                             "load it with a text-encoder loader (CLIPLoader / the GGUF CLIP loader)")
-    if arch is not None and arch not in DIFFUSION_ARCHS:
-        raise ModelFileError(path, f"architecture {arch!r} is not supported", f"this loader reads: {', '.join(sorted(DIFFUSION_ARCHS))}")
-
     sd, counts = {}, {}
     total = len(reader.tensors)
     with warnings.catch_warnings():
@@ -79,5 +72,19 @@ def read_gguf(path, progress=None):
             counts[name] = counts.get(name, 0) + 1
             if progress:
                 progress(i + 1, total)
+    return sd, counts
+
+
+def read_gguf(path, progress=None):
+    """-> (state dict of QTensor / plain tensors with the file's key names, info dict)"""
+    reader = open_reader(path)
+    arch = _field_str(reader, "general.architecture")
+    if arch in TEXT_ARCHS:
+        raise ModelFileError(path, f"is a text-encoder/LLM GGUF (architecture {arch!r}), not a diffusion model",
+                             "load it with a text-encoder loader (CLIPLoader / the GGUF CLIP loader)")
+    if arch is not None and arch not in DIFFUSION_ARCHS:
+        raise ModelFileError(path, f"architecture {arch!r} is not supported", f"this loader reads: {', '.join(sorted(DIFFUSION_ARCHS))}")
+
+    sd, counts = read_tensors(reader, path, progress)
     info = {"container": "gguf", "architecture": arch or "unknown", "tensor_types": counts}
     return sd, info

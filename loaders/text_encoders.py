@@ -69,40 +69,14 @@ def llamacpp_t5_name(name: str, gated: bool = True):
 
 def _read_gguf(path):
     """Every tensor of a text-encoder GGUF (QTensor for quantized blocks) with the file's names, and its arch."""
-    import warnings
-
-    import numpy as np
-
-    from ..optimizations.qtensor import QTensor
-    from ..optimizations.quant import gguf as gq
-    from ..optimizations.quant.common import UnsupportedQuantType
-    from .gguf_loader import _field_shape, _field_str, open_reader
+    from .gguf_loader import _field_str, open_reader, read_tensors
 
     reader = open_reader(path)
     arch = _field_str(reader, "general.architecture")
     if arch not in GGUF_TEXT_ARCHS:
         raise ModelFileError(path, f"is a GGUF of architecture {arch!r}, not a CLIP-L / T5 text encoder",
                              _WRONG_FILE_FIX + (" (diffusion models go to 'Load Diffusion Model')" if arch == "flux" else ""))
-    sd = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # from_numpy on the read-only memmap: we never write to it
-        for t in reader.tensors:
-            try:
-                qtype = gq.qtype_of(int(t.tensor_type))
-            except UnsupportedQuantType as e:
-                raise ModelFileError(path, f"tensor {t.name!r}: {e}", "requantize the model with a supported type") from None
-            shape = _field_shape(reader, f"comfy.gguf.orig_shape.{t.name}") or torch.Size(int(v) for v in reversed(t.shape))
-            data = np.asarray(t.data)
-            if gq.is_quantized(qtype):
-                expected = int(np.prod(gq.byte_shape(tuple(shape), qtype)))
-                if data.nbytes != expected:
-                    raise ModelFileError(path, f"tensor {t.name!r} has {data.nbytes} bytes, {qtype.name} {tuple(shape)} needs {expected}", REDOWNLOAD)
-                sd[t.name] = QTensor(torch.from_numpy(data), qformat="gguf", shape=shape, meta={"qtype": qtype.name})
-            elif qtype.name == "BF16":
-                sd[t.name] = torch.from_numpy(data).view(torch.uint8).view(torch.bfloat16).view(shape)
-            else:
-                sd[t.name] = torch.from_numpy(data).view(shape)
-    return sd, arch
+    return read_tensors(reader, path)[0], arch
 
 
 def _from_llamacpp_names(sd, path):

@@ -1,7 +1,6 @@
 """LowVRAMModelLoader: GGUF / FP8 / NF4 / bf16 FLUX diffusion models as an ordinary ComfyUI MODEL."""
-import os
-
 from ..loaders import CONVERSIONS, load_model_file
+from .model_files import find_file, list_files
 
 EXTENSIONS = (".gguf", ".safetensors", ".sft")
 FOLDERS = ("diffusion_models",)  # ComfyUI maps the legacy "unet" folder into this one
@@ -10,28 +9,11 @@ COMPUTE_DTYPES = ("default", "bf16", "fp16", "fp32")
 
 def model_files():
     """Every loadable file under ComfyUI's diffusion_models/unet folders (relative names, sorted)."""
-    import folder_paths
-    names = set()
-    for folder in FOLDERS:
-        for root_dir in folder_paths.get_folder_paths(folder):
-            if not os.path.isdir(root_dir):
-                continue
-            for dirpath, _, files in os.walk(root_dir, followlinks=True):
-                for f in files:
-                    if f.lower().endswith(EXTENSIONS):
-                        names.add(os.path.relpath(os.path.join(dirpath, f), root_dir).replace(os.sep, "/"))
-    return sorted(names)
+    return list_files(FOLDERS, EXTENSIONS)
 
 
 def model_path(name):
-    import folder_paths
-    for folder in FOLDERS:
-        for root_dir in folder_paths.get_folder_paths(folder):
-            p = os.path.join(root_dir, name)
-            if os.path.isfile(p):
-                return p
-    raise FileNotFoundError(f"{name}: not found in ComfyUI's models/diffusion_models (or models/unet) folders — "
-                            "put the file there and press 'r' in the UI to refresh the list")
+    return find_file(FOLDERS, name, "models/diffusion_models (or models/unet)")
 
 
 def torch_dtype(name):

@@ -13,6 +13,7 @@ import sys
 
 from ..loaders.text_encoders import pair_by_kind, pick_device_policy, read_text_encoder, t5_config_overrides
 from ..optimizations.cond_cache import CondCache, file_identity, make_key
+from .model_files import find_file, list_files
 
 log = logging.getLogger("kontext_lowvram")
 
@@ -26,26 +27,11 @@ _BOOKKEEPING = ("add", "is_model_patcher_output")
 
 
 def text_encoder_files():
-    import folder_paths
-    names = set()
-    for root_dir in folder_paths.get_folder_paths(FOLDER):
-        if not os.path.isdir(root_dir):
-            continue
-        for dirpath, _, files in os.walk(root_dir, followlinks=True):
-            for f in files:
-                if f.lower().endswith(EXTENSIONS):
-                    names.add(os.path.relpath(os.path.join(dirpath, f), root_dir).replace(os.sep, "/"))
-    return sorted(names)
+    return list_files((FOLDER,), EXTENSIONS)
 
 
 def text_encoder_path(name):
-    import folder_paths
-    for root_dir in folder_paths.get_folder_paths(FOLDER):
-        p = os.path.join(root_dir, name)
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"{name}: not found in ComfyUI's models/text_encoders (or models/clip) folders — "
-                            "put the file there and press 'r' in the UI to refresh the list")
+    return find_file((FOLDER,), name, "models/text_encoders (or models/clip)")
 
 
 def cache_directory():
