@@ -188,6 +188,18 @@ def test_low_rank_lora_node_equals_core_lora(comfy, write_format, exact_referenc
             assert err < 0.01  # bf16 low-rank product vs fp32 merge: no bf16 rounding of the merged weight
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not H.slow_enabled(), reason="Inductor compiles the model on the CPU (minutes); set KLV_INTEGRATION_SLOW=1")
+def test_torch_compile_option_gives_the_same_latent(comfy, write_format):
+    name = write_format("gguf_q8_0")
+    plain = run_latent(comfy, ours(name), "tc_plain")
+    compiled = run_latent(comfy, H.node("LowVRAMModelLoader", model_name=name, compute_dtype="default",
+                                        convert_on_load="none", fp8_matmul=True, torch_compile=True), "tc_compiled")
+    err = rel(compiled, plain)
+    print(f"{comfy.version}: torch.compile latent rel L2 vs eager {err:.2e}")
+    assert err < 1e-3
+
+
 def test_corrupt_file_fails_cleanly_and_server_survives(comfy, write_format):
     src = comfy.models_dir / "diffusion_models" / write_format("gguf_q8_0")
     bad = comfy.models_dir / "diffusion_models" / "klv_truncated.gguf"
