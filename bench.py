@@ -139,7 +139,7 @@ class WeightFactory:
         key = (fmt, shape)
         if key not in self.templates:
             seed = sum(shape) * 7 + len(shape)
-            if fmt in RANDOM_BLOCK_TYPES:  # no quantizer for these: random valid blocks (their own weights)
+            if random_blocks_only(fmt):  # no quantizer for these: random valid blocks (their own weights)
                 from .optimizations import QTensor
                 raw = gq.random_blocks(fmt, shape, std=self.std, seed=seed)
                 self.templates[key] = QTensor(raw.to(self.device), qformat="gguf", shape=shape, meta={"qtype": fmt})
@@ -168,17 +168,25 @@ class WeightFactory:
         return sd
 
 
-RANDOM_BLOCK_TYPES = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"}
+def gguf_block_type(fmt) -> bool:
+    from .optimizations.quant import UnsupportedQuantType
+    from .optimizations.quant import gguf as gq
+    try:
+        return gq.is_quantized(gq.qtype_of(fmt))
+    except (UnsupportedQuantType, KeyError, ValueError):
+        return False
 
 
-def gq_types():
-    return RANDOM_BLOCK_TYPES | {"Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"}
+def random_blocks_only(fmt) -> bool:
+    """GGUF block types our quantizer cannot make (the K-quants, IQ4): the bench uses random valid blocks."""
+    from .optimizations.quant import gguf as gq
+    return gguf_block_type(fmt) and gq.qtype_of(fmt) not in gq.QUANTIZABLE_TYPES
 
 
 def weights_tag(fmt, lora):
     """Rows with the same tag ran the same weights (their outputs are comparable)."""
     fmt = fmt.split()[0]
-    return (fmt if fmt in RANDOM_BLOCK_TYPES else "bf16-derived") + ("+lora" if lora else "")
+    return (fmt if random_blocks_only(fmt) else "bf16-derived") + ("+lora" if lora else "")
 
 
 def random_lora(shapes, rank, device, std=0.02):
@@ -240,7 +248,7 @@ def forward_inputs(device, cfg_tokens=(128, 512)):
                 y=torch.randn(1, 768, generator=g, device=device))
 
 
-def step_fn(model, inp, dtype):
+def step_fn(model, inp):
     import torch
     dev = inp["x"].device
 
@@ -251,7 +259,7 @@ def step_fn(model, inp, dtype):
     return step
 
 
-def measure(mm, make_model, inp, steps, dtype):
+def measure(mm, make_model, inp, steps):
     """(s/step median, torch peak GiB, device peak GiB, load s, output, patcher name)."""
     import torch
     cuda = inp["x"].is_cuda
@@ -266,7 +274,7 @@ def measure(mm, make_model, inp, steps, dtype):
         mm.load_models_gpu([model])
         sync()
         load_s = time.perf_counter() - t0
-        step = step_fn(model, inp, dtype)
+        step = step_fn(model, inp)
         times = []
         with torch.no_grad():
             out = step()  # warm-up: first-use kernels, dynamic VRAM faults, LoRA factor casts
@@ -419,7 +427,7 @@ def run(args):
         configs.append(("core", f"bf16 + LoRA r{LORA_RANK} (core, merged)", with_lora(core("bf16"), "core")))
         for fmt in args.lora:
             configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (low-rank)", with_lora(ours(fmt), "ours")))
-            if gguf_ops is not None and fmt in gq_types():
+            if gguf_ops is not None and gguf_block_type(fmt):
                 configs.append(("ComfyUI-GGUF", f"{fmt} + LoRA r{LORA_RANK}", with_lora(gguf_node(fmt), "core")))
 
     rows, refs = [], {}
@@ -427,7 +435,7 @@ def run(args):
         if args.only and not any(o in f"{who} {label}" for o in args.only):
             continue
         try:
-            s, p_torch, p_dev, load_s, out, patcher = measure(mm, make, inp, args.steps, torch.bfloat16)
+            s, p_torch, p_dev, load_s, out, patcher = measure(mm, make, inp, args.steps)
         except Exception as e:  # one broken config must not lose the others' numbers
             print(f"{who} {label}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append((who, label, None, None, None, None, "", f"failed: {type(e).__name__}"))
@@ -462,11 +470,8 @@ def run(args):
 
 def table(args, rows, rates, floor_bf16, floor_fp8, dynamic, lin, attn):
     import torch
-    try:
-        from .optimizations.quant import triton_dequant
-        triton_on = torch.cuda.is_available() and triton_dequant.available(torch.device("cuda"))
-    except ImportError:
-        triton_on = False
+    from .optimizations.quant import triton_dequant
+    triton_on = torch.cuda.is_available() and triton_dequant.available(torch.device("cuda"))
     base = next((r[2] for r in rows if r[0] == "core" and r[1] == "bf16" and r[2]), None)
     version = comfy_version(args.comfyui)
     lines = [

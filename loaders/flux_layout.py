@@ -405,3 +405,18 @@ def random_flux_vae_state_dict(
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, gain / fan_in ** 0.5, generator=gen)
         out[key] = t.to(dtype)
     return out
+
+
+def perturb_vae_affine(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """`sd` with non-trivial GroupNorm weight/bias and conv biases (random, deterministic per ``seed``), in place.
+
+    ``random_flux_vae_state_dict`` keeps GroupNorm weight 1 / bias 0 and zero biases; tests of tiled GroupNorm
+    need every affine term exercised."""
+    g = torch.Generator().manual_seed(int(seed))
+    for k, v in sd.items():
+        if v.ndim == 1 and "norm" in k:
+            sd[k] = (1.0 + 0.25 * torch.randn(v.shape, generator=g)) if k.endswith("weight") \
+                else 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith(".bias"):
+            sd[k] = 0.02 * torch.randn(v.shape, generator=g)
+    return sd

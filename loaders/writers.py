@@ -2,6 +2,7 @@
 temporary name and renamed into place, so an interrupted write never leaves a half-written model behind."""
 import json
 import os
+import uuid
 
 import torch
 
@@ -10,9 +11,14 @@ from ..optimizations.qtensor import QTensor
 FP8_STYLES = ("scaled", "comfy_quant")
 
 
-def _atomic(path, write):
+PARTIAL = ".partial"
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename tmp onto `path`; the temp name is unique per writer (concurrent writers of one
+    path never share it) and ends in PARTIAL, and it is removed whatever happens."""
     path = os.fspath(path)
-    tmp = path + ".partial"
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL}"
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -51,7 +57,7 @@ def write_gguf(path, sd, arch="flux", progress=None):
         w.write_tensors_to_file()
         w.close()
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def to_safetensors_dict(sd, fp8_style="scaled"):
@@ -85,4 +91,4 @@ def write_safetensors(path, sd, fp8_style="scaled", metadata=None):
     from safetensors.torch import save_file
     flat, meta = to_safetensors_dict(sd, fp8_style)
     meta.update(metadata or {})
-    return _atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta or None))
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta or None))

@@ -12,15 +12,15 @@ import json
 import logging
 import os
 import time
-import uuid
 
 import torch
+
+from ..loaders.writers import PARTIAL, atomic_write
 
 log = logging.getLogger("kontext_lowvram")
 
 FORMAT = 1
 SUFFIX = ".safetensors"
-PARTIAL = ".partial"
 STALE_PARTIAL_SECONDS = 3600  # a writer that has not finished in an hour is gone
 
 
@@ -125,16 +125,12 @@ class CondCache:
             return False
         os.makedirs(self.directory, exist_ok=True)
         path = self.path_for(key)
-        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL}"
         meta = {"klv_format": str(FORMAT), "klv_key": key, "klv_entries": json.dumps(entries)}
         try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         except OSError as e:
             log.warning("Kontext LowVRAM conditioning cache: could not write %s (%s)", path, e)
             return False
-        finally:
-            _remove(tmp)
         self.evict(keep=path)
         return True
 

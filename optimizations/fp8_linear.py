@@ -43,10 +43,10 @@ def quantize_activation_eager(x2: torch.Tensor):
 
 def quantize_activation(x2: torch.Tensor):
     """(x2 / scale) in e4m3 and the float32 scale, scale = amax / 448."""
-    if x2.is_cuda:
+    from .quant import triton_dequant
+    if triton_dequant.available(x2.device):  # the one rule for our Triton kernels (CUDA, triton, KLV_NO_TRITON)
         from . import fp8_triton
-        if fp8_triton.available():
-            return fp8_triton.quantize_per_tensor(x2, E4M3_MAX)
+        return fp8_triton.quantize_per_tensor(x2, E4M3_MAX)
     return quantize_activation_eager(x2)
 
 

@@ -1,21 +1,10 @@
-"""Triton kernels for per-tensor fp8 activation quantization (CUDA only; imported lazily).
+"""Triton kernels for per-tensor fp8 activation quantization (CUDA only; imported lazily; used where
+`quant.triton_dequant.available` says our Triton kernels run).
 
 Pass 1 reduces |x| to one float32 amax with an atomic max; pass 2 writes clamp(x / (amax / fmax)) in e4m3.
 The values equal `fp8_linear.quantize_activation_eager` (same float32 division, same clamp).
 """
 import functools
-import os
-
-
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    if os.environ.get("KLV_NO_TRITON") == "1":
-        return False
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:
-        return False
 
 
 @functools.lru_cache(maxsize=1)

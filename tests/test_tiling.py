@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kontext_lowvram.loaders.flux_layout import FluxVAEConfig, random_flux_vae_state_dict
+from kontext_lowvram.loaders.flux_layout import FluxVAEConfig, perturb_vae_affine, random_flux_vae_state_dict
 from kontext_lowvram.optimizations import tiling
 
 torch.set_grad_enabled(False)
@@ -165,13 +165,7 @@ def make_vae(cfg=FluxVAEConfig(), groups=32, seed=0, perturb=True):
     ae = AE(cfg, groups).eval()
     sd = random_flux_vae_state_dict(seed=seed, cfg=cfg)
     if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        for k, v in sd.items():
-            if v.ndim == 1 and "norm" in k:
-                sd[k] = (1.0 + 0.25 * torch.randn(v.shape, generator=g)) if k.endswith("weight") \
-                    else 0.1 * torch.randn(v.shape, generator=g)
-            elif k.endswith(".bias"):
-                sd[k] = 0.02 * torch.randn(v.shape, generator=g)
+        perturb_vae_affine(sd, seed + 1)
     ae.load_state_dict(sd, strict=True)
     return ae
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import comfy_harness as H
+from kontext_lowvram.loaders.flux_layout import perturb_vae_affine
 
 W, H_ = 256, 192     # 4 x 3 tiles of 64 px at every stage (8-px tiles on the 32 x 24 latent)
 TILE = 64
@@ -31,14 +32,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def affine_vae(comfy) -> str:
     """A random FLUX VAE whose GroupNorms have non-trivial weight/bias and whose convs have biases (the harness
     VAE has GroupNorm weight 1 / bias 0, which would not exercise the affine part of the tiled GroupNorm)."""
-    sd = H.random_flux_vae_state_dict(seed=7)
-    g = torch.Generator().manual_seed(8)
-    for k, v in sd.items():
-        if v.ndim == 1 and "norm" in k:
-            sd[k] = (1.0 + 0.25 * torch.randn(v.shape, generator=g)) if k.endswith("weight") \
-                else 0.1 * torch.randn(v.shape, generator=g)
-        elif k.endswith(".bias"):
-            sd[k] = 0.02 * torch.randn(v.shape, generator=g)
+    sd = perturb_vae_affine(H.random_flux_vae_state_dict(seed=7), seed=8)
     H.save_safetensors(sd, comfy.models_dir / "vae" / PERTURBED_VAE)
     return PERTURBED_VAE
 
