@@ -37,11 +37,12 @@ def apply_plan(model, plan, strength):
 
 
 class LowVRAMLoraLoader:
-    DESCRIPTION = ("Applies a LoRA to the diffusion model. On GGUF/FP8/NF4 layers loaded by Kontext LowVRAM the LoRA "
-                   "is added as a separate low-rank product (x·down·up), so the quantized weights stay quantized "
-                   "(no dense bf16 copy) and nothing is re-dequantized per step; the factors are moved to the GPU "
-                   "once. Changing the strength re-uses them. Every other layer and LoRA type (DoRA, LoHa, LoKr) "
-                   "goes through ComfyUI's own LoRA patching, exactly like the core LoRA loader.")
+    DESCRIPTION = ("Applies a LoRA to the diffusion model. On GGUF/FP8/NF4 layers loaded by Kontext LowVRAM the "
+                   "quantized weights stay quantized (no dense bf16 copy): the LoRA factors are moved to the GPU once "
+                   "and each step adds them to the weight it dequantizes anyway (long inputs) or as a low-rank "
+                   "product x·down·up (short inputs, fp8 matmul). Changing the strength re-uses them. Every other "
+                   "layer and LoRA type (DoRA, LoHa, LoKr) goes through ComfyUI's own LoRA patching, exactly like the "
+                   "core LoRA loader.")
     CATEGORY = "Kontext LowVRAM/loaders"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)

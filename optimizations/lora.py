@@ -61,12 +61,16 @@ class LowRankDelta:
         return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
 
     def _scaled_up(self, device, dtype):
-        """up · scale, cast once per (device, dtype, scale): the output is then one fused addmm."""
+        """up · scale, cast once per (device, dtype, scale): each application is then one fused addmm."""
         key = (str(device), dtype, self.scale)
         if key not in self._cast:
             _, up = self.factors(device, dtype)
-            self._cast[key] = (up * self.scale).t()
+            self._cast[key] = up * self.scale
         return self._cast[key]
+
+    def _target(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The part of `t` (a weight, dim 0, or an output, dim -1) this LoRA patches: all of it, or its offset slice."""
+        return t if self.offset is None else t.narrow(dim, self.offset[1], self.offset[2])
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out += scale · (x·Dᵀ)·Uᵀ in place, into the output slice this LoRA targets.
@@ -76,29 +80,23 @@ class LowRankDelta:
         """
         down, _ = self.factors(x.device, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        target = out.view(-1, out.shape[-1])
-        if self.offset is not None:
-            _, start, length = self.offset
-            target = target.narrow(-1, start, length)
-        target.addmm_(x2 @ down.t(), self._scaled_up(x.device, x.dtype))
+        self._target(out.view(-1, out.shape[-1]), -1).addmm_(x2 @ down.t(), self._scaled_up(x.device, x.dtype).t())
         return out
 
     def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
         """weight += scale · U·D in place (a just-dequantized weight the caller owns): one fused addmm."""
         down, _ = self.factors(weight.device, weight.dtype)
-        target = weight if self.offset is None else weight.narrow(0, self.offset[1], self.offset[2])
-        target.addmm_(self._scaled_up(weight.device, weight.dtype).t(), down)
+        self._target(weight, 0).addmm_(self._scaled_up(weight.device, weight.dtype), down)
         return weight
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         """Merge into a dense weight (the path for layers that are not quantized)."""
         down, up = self.factors(weight.device, torch.float32)
-        delta = (up @ down) * self.scale
+        delta = ((up @ down) * self.scale).to(weight.dtype)  # formed in float32, as ComfyUI's LoRA math does
         if self.offset is None:
-            return weight + delta.to(weight.dtype)
+            return weight + delta
         weight = weight.clone()
-        _, start, length = self.offset
-        weight.narrow(0, start, length).add_(delta.to(weight.dtype))
+        self._target(weight, 0).add_(delta)
         return weight
 
 
@@ -120,8 +118,7 @@ def lora_adapter_factors(patch):
     if getattr(patch, "name", "lora") != "lora" or weights is None or len(weights) < 2:
         return None
     up, down = weights[0], weights[1]
-    extra = list(weights[3:6]) + [None] * (3 - len(weights[3:6]))
-    if any(e is not None for e in extra) or up.dim() != 2 or down.dim() != 2:
+    if any(e is not None for e in weights[3:6]) or up.dim() != 2 or down.dim() != 2:  # mid / dora / reshape
         return None
     alpha = weights[2] if len(weights) > 2 else None
     return up, down, (float(alpha) if alpha is not None else None)

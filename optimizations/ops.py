@@ -52,8 +52,9 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     """x @ W.T + b for a quantized module whose raw storage is already on x's device.
 
     e4m3 weights take a real fp8 matmul where the GPU has one (unless weight functions must see the dense
-    weight); everything else is dequantized just in time. Low-rank LoRA deltas are added to the output, so
-    the quantized base is never merged or re-dequantized for them.
+    weight); everything else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into
+    that just-dequantized weight when the activation has more rows than the weight has columns, else added to
+    the output; the stored quantized weight is never changed.
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
