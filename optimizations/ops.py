@@ -15,7 +15,7 @@ import torch
 from .fp8_linear import fp8_linear, use_fp8_matmul
 from .lora import split_low_rank
 from .qtensor import QTensor
-from .quant import dequantize_raw
+from .quant import dequantize_raw, triton_dequant, triton_matmul
 
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_GGUF_TYPES = ("F16", "BF16", "F32")  # "dequantized" by reinterpreting the stored bytes
@@ -38,9 +38,21 @@ def is_quantized(module) -> bool:
     return getattr(module, "klv_qformat", None) is not None and module.weight.dtype in RAW_DTYPES
 
 
+def _aux(module, device):
+    return {n: getattr(module, AUX_PREFIX + n).to(device, non_blocking=True) for n in module.klv_aux_names}
+
+
 def dequantize_module_weight(module, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    aux = {n: getattr(module, AUX_PREFIX + n).to(raw.device, non_blocking=True) for n in module.klv_aux_names}
-    return dequantize_raw(module.klv_qformat, raw, module.klv_meta, aux, module.klv_qshape, dtype)
+    return dequantize_raw(module.klv_qformat, raw, module.klv_meta, _aux(module, raw.device), module.klv_qshape,
+                          dtype)
+
+
+def use_fused_small_matmul(module, raw: torch.Tensor, x: torch.Tensor) -> bool:
+    """The one-kernel matmul from quantized bytes (triton_matmul): switched on, a few activation rows, a format
+    it reads, and our Triton kernels able to run on this device."""
+    return (triton_matmul.enabled() and triton_matmul.supports(module.klv_qformat, module.klv_meta,
+                                                               module.klv_qshape, x)
+            and triton_dequant.available(raw.device))
 
 
 def quantized_bytes(module) -> int:
@@ -52,7 +64,8 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     """x @ W.T + b for a quantized module whose raw storage is already on x's device.
 
     e4m3 weights take a real fp8 matmul where the GPU has one (unless weight functions must see the dense
-    weight); everything else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into
+    weight); activations of a few rows may take the fused small-batch matmul (triton_matmul, opt-in); everything
+    else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into
     that just-dequantized weight when the activation has more rows than the weight has columns, else added to
     the output; the stored quantized weight is never changed.
     """
@@ -60,6 +73,9 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
         scale = getattr(module, AUX_PREFIX + "scale") if "scale" in module.klv_aux_names else None
         out = fp8_linear(x, raw, scale, bias)
+    elif not weight_fns and use_fused_small_matmul(module, raw, x):
+        out = triton_matmul.linear(x, raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
+                                   module.klv_qshape, bias)
     else:
         weight = dequantize_module_weight(module, raw, x.dtype)
         for f in weight_fns:

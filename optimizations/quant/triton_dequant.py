@@ -17,6 +17,9 @@ Exactness (bit-identical to the torch reference in float32, bf16 and fp16):
   ``nested_code[a] * nested_absmax + offset``, two roundings: on the GPU the product goes through ``mul_rn`` so
   ptxas cannot contract it into an FMA (which would round once and differ in the last bit).
 
+The kernel bodies are in triton_kernels.py (device code, one block decoder per format, shared with the fused
+small-batch matmul of triton_matmul.py); this file decides when to use them, launches and registers them.
+
 CPU tensors run the same kernels in Triton's interpreter (numpy): that is how the tests check them without a GPU.
 
 torch.compile: on torch >= 2.6 the launches are wrapped in ``torch.library.triton_op`` + ``wrap_triton``, so
@@ -36,16 +39,19 @@ SUPPORTED = frozenset({"Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K"})
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_DISABLE = "KLV_NO_TRITON"
 
-# qtype -> (elements per block, bytes per block, blocks per program, num_warps). Tiles picked with
-# tests/gpu/kernel_check.py --sweep on an H100 (timings there vary run to run; most tiles of 1-4K elements are close).
-GGUF_CONFIG = {
-    "Q8_0": (32, 34, 64, 4),
-    "Q4_0": (32, 18, 64, 4),
-    "Q4_K": (256, 144, 8, 4),
-    "Q5_K": (256, 176, 8, 4),
-    "Q6_K": (256, 210, 8, 4),
-    "Q3_K": (256, 110, 4, 2),
+# qtype -> (kernel id in triton_kernels._decode, elements per block, bytes per block, S, W): a decoder returns a
+# block's values as [S, W] in storage order
+GGUF_LAYOUT = {
+    "Q8_0": (0, 32, 34, 1, 32),
+    "Q4_0": (1, 32, 18, 2, 16),
+    "Q4_K": (2, 256, 144, 8, 32),
+    "Q5_K": (3, 256, 176, 8, 32),
+    "Q6_K": (4, 256, 210, 8, 32),
+    "Q3_K": (5, 256, 110, 8, 32),
 }
+# qtype -> (blocks per program, num_warps) of the dequant kernel. Picked with tests/gpu/kernel_check.py --sweep on
+# an H100 (timings there vary run to run; most tiles of 1-4K elements are close).
+GGUF_CONFIG = {"Q8_0": (64, 4), "Q4_0": (64, 4), "Q4_K": (8, 4), "Q5_K": (8, 4), "Q6_K": (8, 4), "Q3_K": (4, 2)}
 # nested (double-quantized absmax) -> (elements per program: whole absmax blocks, at least one; num_warps)
 NF4_CONFIG = {False: (4096, 2), True: (2048, 4)}
 # The interpreter runs programs one after another, each a handful of numpy calls: big tiles keep it fast.
@@ -119,225 +125,32 @@ def supports_gguf(qtype, dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# kernels (defined on first use, after importing triton)
+# kernels (triton_kernels.py, loaded on first use)
 
 _KERNELS: dict = {}
 
 
-def _define_kernels():
-    """Kernel bodies. `tl` and `libdevice` are module globals bound by _kernels() before this runs."""
-
-    def q8_0(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 34)
-        out += pid.to(tl.int64) * (NB * 32)
-        b = tl.arange(0, NB)[:, None]
-        k = tl.arange(0, 32)[None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 34
-        d = ((tl.load(blk, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 1, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32))
-        q = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        val = q * d
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 32 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def q4_0(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 18)
-        out += pid.to(tl.int64) * (NB * 32)
-        b = tl.arange(0, NB)[:, None, None]
-        h = tl.arange(0, 2)[None, :, None]      # low nibbles are quants 0-15, high nibbles 16-31
-        k = tl.arange(0, 16)[None, None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 18
-        d = ((tl.load(blk, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 1, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32))
-        byte = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int32)
-        q = ((byte >> (h * 4)) & 0xF).to(tl.float32) - 8.0
-        val = d * q
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 32 + h * 16 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def q4_k(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        # d[2] dmin[2] scales[12] qs[128]; 8 sub-blocks of 32, sub-block s = nibble s%2 of qs[(s//2)*32 + k]
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 144)
-        out += pid.to(tl.int64) * (NB * 256)
-        b = tl.arange(0, NB)[:, None, None]
-        s = tl.arange(0, 8)[None, :, None]
-        k = tl.arange(0, 32)[None, None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 144
-        d = ((tl.load(blk, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 1, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32))
-        dmin = ((tl.load(blk + 2, mask=m, other=0).to(tl.uint16)
-                 | (tl.load(blk + 3, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True)
-                .to(tl.float32))
-        # 6-bit scale/min of sub-block s (see gguf._k_scale_min)
-        x = tl.load(blk + 8 + s, mask=m, other=0).to(tl.int32)         # scales[s+4]
-        y = tl.load(blk + 4 + s, mask=m, other=0).to(tl.int32)         # scales[s]
-        z = tl.load(blk + 4 + (s % 4), mask=m, other=0).to(tl.int32)   # scales[s-4] for s >= 4
-        sc = tl.where(s < 4, y & 0x3F, (x & 0x0F) | ((z >> 2) & 0x30))
-        mn = tl.where(s < 4, x & 0x3F, (x >> 4) | ((y >> 2) & 0x30))
-        dl = d * sc.to(tl.float32)
-        ml = dmin * mn.to(tl.float32)
-        byte = tl.load(blk + 16 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32)
-        q = ((byte >> ((s % 2) * 4)) & 0xF).to(tl.float32)
-        val = dl * q - ml
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 256 + s * 32 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def q5_k(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        # d[2] dmin[2] scales[12] qh[32] qs[128]; bit s of qh[k] is the 5th bit of quant s*32+k
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 176)
-        out += pid.to(tl.int64) * (NB * 256)
-        b = tl.arange(0, NB)[:, None, None]
-        s = tl.arange(0, 8)[None, :, None]
-        k = tl.arange(0, 32)[None, None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 176
-        d = ((tl.load(blk, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 1, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32))
-        dmin = ((tl.load(blk + 2, mask=m, other=0).to(tl.uint16)
-                 | (tl.load(blk + 3, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True)
-                .to(tl.float32))
-        x = tl.load(blk + 8 + s, mask=m, other=0).to(tl.int32)
-        y = tl.load(blk + 4 + s, mask=m, other=0).to(tl.int32)
-        z = tl.load(blk + 4 + (s % 4), mask=m, other=0).to(tl.int32)
-        sc = tl.where(s < 4, y & 0x3F, (x & 0x0F) | ((z >> 2) & 0x30))
-        mn = tl.where(s < 4, x & 0x3F, (x >> 4) | ((y >> 2) & 0x30))
-        dl = d * sc.to(tl.float32)
-        ml = dmin * mn.to(tl.float32)
-        low = (tl.load(blk + 48 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 2) * 4)) & 0xF
-        high = (tl.load(blk + 16 + k, mask=m, other=0).to(tl.int32) >> s) & 1
-        q = (low | (high << 4)).to(tl.float32)
-        val = dl * q - ml
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 256 + s * 32 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def q6_k(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        # ql[128] qh[64] scales[16] (int8) d[2]; quant j = g*128 + p*32 + k with g = s//4, p = s%4
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 210)
-        out += pid.to(tl.int64) * (NB * 256)
-        b = tl.arange(0, NB)[:, None, None]
-        s = tl.arange(0, 8)[None, :, None]
-        k = tl.arange(0, 32)[None, None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 210
-        d = ((tl.load(blk + 208, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 209, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True)
-             .to(tl.float32))
-        g = s // 4
-        p = s % 4
-        low = (tl.load(blk + g * 64 + (p % 2) * 32 + k, mask=m, other=0).to(tl.int32) >> ((p // 2) * 4)) & 0xF
-        high = (tl.load(blk + 128 + g * 32 + k, mask=m, other=0).to(tl.int32) >> (p * 2)) & 3
-        q = (low | (high << 4)).to(tl.float32) - 32.0
-        sc = tl.load(blk + 192 + s * 2 + k // 16, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        dl = d * sc
-        val = dl * q
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 256 + s * 32 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def q3_k(raw, out, n_blocks, NB: tl.constexpr, BF16_BITS: tl.constexpr):
-        # hmask[32] qs[64] scales[12] d[2]; 16 sub-blocks of 16 with signed 6-bit scales
-        pid = tl.program_id(0)
-        raw += pid.to(tl.int64) * (NB * 110)
-        out += pid.to(tl.int64) * (NB * 256)
-        b = tl.arange(0, NB)[:, None, None]
-        s = tl.arange(0, 8)[None, :, None]
-        k = tl.arange(0, 32)[None, None, :]
-        m = (pid * NB + b) < n_blocks
-        blk = raw + b * 110
-        d = ((tl.load(blk + 108, mask=m, other=0).to(tl.uint16)
-              | (tl.load(blk + 109, mask=m, other=0).to(tl.uint16) << 8)).to(tl.float16, bitcast=True)
-             .to(tl.float32))
-        t = s * 2 + k // 16  # sub-block of 16
-        sc_low = (tl.load(blk + 96 + t % 8, mask=m, other=0).to(tl.int32) >> ((t // 8) * 4)) & 0xF
-        sc_high = (tl.load(blk + 104 + t % 4, mask=m, other=0).to(tl.int32) >> ((t // 4) * 2)) & 3
-        sc = (sc_low | (sc_high << 4)).to(tl.float32) - 32.0
-        dl = d * sc
-        ql = (tl.load(blk + 32 + (s // 4) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 4) * 2)) & 3
-        hm = (tl.load(blk + k, mask=m, other=0).to(tl.int32) >> s) & 1
-        q = (ql - ((hm ^ 1) << 2)).to(tl.float32)
-        val = dl * q
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + b * 256 + s * 32 + k, val.to(out.dtype.element_ty), mask=m)
-
-    def nf4(packed, absmax, code, nested_absmax, nested_code, offset, out, n, nested_blocksize,
-            BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, MUL_RN: tl.constexpr,
-            BF16_BITS: tl.constexpr):
-        # element e: byte e//2, high nibble first; value code[nibble] * absmax[e // BS]
-        pid = tl.program_id(0)
-        packed += pid.to(tl.int64) * (NB * BS // 2)
-        out += pid.to(tl.int64) * (NB * BS)
-        b = tl.arange(0, NB)[:, None]
-        i = tl.arange(0, BS)[None, :]
-        e = b * BS + i
-        m = (pid.to(tl.int64) * (NB * BS) + e) < n
-        byte = tl.load(packed + e // 2, mask=m, other=0).to(tl.int32)
-        nib = (byte >> ((1 - e % 2) * 4)) & 0xF
-        v = tl.load(code + nib, mask=m, other=0.0)
-        blk = pid * NB + b
-        bm = blk * BS < n
-        if NESTED:
-            a = tl.load(absmax + blk, mask=bm, other=0).to(tl.int32)
-            vals = tl.load(nested_code + a, mask=bm, other=0.0)
-            scale = tl.load(nested_absmax + blk // nested_blocksize, mask=bm, other=0.0)
-            if MUL_RN:  # compiled: an explicitly rounded product, never contracted with the add into an FMA.
-                # Inductor passes Python floats as fp64 (a plain launch as fp32): add in float32 either way; the
-                # host hands over a float32-representable value, so the conversion is exact.
-                am = libdevice.mul_rn(vals, scale) + tl.full([], offset, tl.float32)
-            else:  # interpreter: numpy float32 arithmetic with a Python float stays float32
-                am = vals * scale + offset
-        else:
-            am = tl.load(absmax + blk, mask=bm, other=0.0)
-        val = v * am
-        if BF16_BITS:  # interpreter: round to nearest even by hand (its fp32->bf16 cast truncates)
-            bits = val.to(tl.uint32, bitcast=True)
-            val = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out + e, val.to(out.dtype.element_ty), mask=m)
-
-    return {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "Q3_K": q3_k, "nf4": nf4}
-
-
-def _kernels(interpret: bool) -> dict:
-    """Compiled (@triton.jit) kernels, or interpreted ones (numpy, for CPU tensors): same bodies either way.
+def _kernels(interpret: bool):
+    """The kernel module: compiled (@triton.jit) kernels, or a second copy of the same file whose kernels run in
+    Triton's interpreter (numpy, for CPU tensors).
 
     Triton picks interpretation from TRITON_INTERPRET when @triton.jit runs; we choose per call instead (by the
     tensors' device), so a process can hold both and the tests need no import-order tricks."""
-    kernels = _KERNELS.get(interpret)
-    if kernels is None:
-        global tl, libdevice
-        import triton
-        import triton.language as tl  # noqa: F811
-        try:
-            from triton.language.extra import libdevice  # noqa: F811
-        except ImportError:  # pragma: no cover - very old triton
-            from triton.language.math import libdevice  # type: ignore  # noqa: F811
+    module = _KERNELS.get(interpret)
+    if module is None:
+        import importlib
+        import importlib.util
         if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as wrap
+            name = __package__ + ".triton_kernels_interpreted"
+            spec = importlib.util.spec_from_file_location(
+                name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_kernels.py"))
+            module = importlib.util.module_from_spec(spec)
+            module.KLV_INTERPRET = True
+            spec.loader.exec_module(module)
         else:
-            wrap = triton.jit
-        kernels = _KERNELS[interpret] = {name: wrap(fn) for name, fn in _define_kernels().items()}
-    return kernels
-
-
-tl = libdevice = None  # bound by _kernels()
+            module = importlib.import_module(".triton_kernels", __package__)
+        _KERNELS[interpret] = module
+    return module
 
 
 def _launch(kernel, interpret, grid, *args, **kwargs):
@@ -370,15 +183,16 @@ except ImportError:  # torch < 2.6: plain launches (torch.compile then graph-bre
 # launches
 
 def _gguf_impl(raw: torch.Tensor, qtype: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    block, type_size, nb, warps = GGUF_CONFIG[qtype]
+    qt, block, type_size, sub, width = GGUF_LAYOUT[qtype]
+    nb, warps = GGUF_CONFIG[qtype]
     out = torch.empty(numel, dtype=dtype, device=raw.device)
     n_blocks = numel // block
     if n_blocks:
         interpret = raw.device.type != "cuda"
         if interpret:
             nb = INTERPRET_TILE // block
-        kernel = _kernels(interpret)[qtype]
-        _launch(kernel, interpret, (triton_cdiv(n_blocks, nb),), raw, out, n_blocks, NB=nb,
+        _launch(_kernels(interpret).dequant_gguf, interpret, (triton_cdiv(n_blocks, nb),), raw, out, n_blocks,
+                QT=qt, BLOCK=block, TS=type_size, S=sub, W=width, NB=nb,
                 BF16_BITS=interpret and dtype == torch.bfloat16, num_warps=warps)
     return out
 
@@ -392,7 +206,7 @@ def _nf4_impl(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, ne
         tile, warps = NF4_CONFIG[bool(nested)]
         nb = max(1, (INTERPRET_TILE if interpret else tile) // blocksize)
         grid = (triton_cdiv(triton_cdiv(numel, blocksize), nb),)
-        _launch(_kernels(interpret)["nf4"], interpret, grid, packed, absmax, code, nested_absmax, nested_code,
+        _launch(_kernels(interpret).dequant_nf4, interpret, grid, packed, absmax, code, nested_absmax, nested_code,
                 offset, out, numel, nested_blocksize, BS=blocksize, NB=nb, NESTED=nested, MUL_RN=not interpret,
                 BF16_BITS=interpret and dtype == torch.bfloat16, num_warps=warps)
     return out
@@ -428,7 +242,7 @@ def dequantize_gguf(raw: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.
     name = _kernel_name(qtype)
     if name is None or dtype not in OUT_DTYPES:
         return _gguf.dequantize(raw, qtype, shape, dtype)
-    block, type_size = GGUF_CONFIG[name][:2]
+    block, type_size = GGUF_LAYOUT[name][1:3]
     dims = tuple(int(s) for s in shape)
     if not dims or any(s < 0 for s in dims):
         raise _gguf.QuantDataError(f"Invalid tensor shape {dims}: need at least one non-negative dimension")

@@ -143,7 +143,7 @@ def sweep(device, shape=(3072, 12288)):
             if fmt.startswith("nf4"):
                 options = [(tile, w) for tile in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8)]
             else:
-                block, ts, _, _ = saved[0][fmt]
+                block = td.GGUF_LAYOUT[fmt][1]
                 nbs = (16, 32, 64, 128, 256) if block == 32 else (1, 2, 4, 8, 16, 32)
                 options = [(nb, w) for nb in nbs for w in (2, 4, 8)]
             row = []
@@ -151,7 +151,7 @@ def sweep(device, shape=(3072, 12288)):
                 if fmt.startswith("nf4"):
                     td.NF4_CONFIG[fmt == "nf4-nested"] = (nb, w)
                 else:
-                    td.GGUF_CONFIG[fmt] = (block, ts, nb, w)
+                    td.GGUF_CONFIG[fmt] = (nb, w)
                 out = fused(fmt, raw, meta, aux, shape, torch.bfloat16)
                 assert torch.equal(out, ref), (fmt, nb, w)
                 row.append((bench(lambda: fused(fmt, raw, meta, aux, shape, torch.bfloat16)) * 1e6, nb, w))

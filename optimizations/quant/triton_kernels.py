@@ -1,0 +1,281 @@
+"""Triton device code: one block decoder per format, shared by the dequant kernels and the fused small-batch matmul.
+
+Imported only by triton_dequant._kernels(), which loads this file twice when needed: as a normal module (kernels
+compiled by @triton.jit) and as a second copy with KLV_INTERPRET set before it runs (the same bodies wrapped for
+Triton's numpy interpreter, used for CPU tensors). Two copies rather than one module with two modes because
+Triton resolves a kernel's helpers through the module's globals (Triton < 3.4 cannot see closures).
+
+A decoder takes `blk`, pointers to the first byte of quant blocks (any shape ending in two unit axes, e.g.
+[NB, 1, 1] or [BN, KB, 1, 1]) and a mask of the same shape, and returns the block values in float32 as
+[..., S, W] in storage order (S * W = elements per block): the dequant kernel stores them, the matmul kernel
+multiplies them with the activations. Every product is exact in float32 (see triton_dequant's docstring), so
+both kernels see the same values as the torch reference in gguf.py.
+"""
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old triton
+    from triton.language.math import libdevice  # type: ignore
+
+if globals().get("KLV_INTERPRET"):
+    from triton.runtime.interpreter import InterpretedFunction as jit
+else:
+    jit = triton.jit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small pieces
+
+@jit
+def _f16(p, m):
+    """A little-endian fp16 field at p (2 bytes) as float32."""
+    return ((tl.load(p, mask=m, other=0).to(tl.uint16) | (tl.load(p + 1, mask=m, other=0).to(tl.uint16) << 8))
+            .to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@jit
+def _k_scale_min(blk, s, m):
+    """Q4_K/Q5_K: 6-bit scale and min of sub-block s from the twelve scale bytes at blk + 4 (gguf._k_scale_min)."""
+    x = tl.load(blk + 8 + s, mask=m, other=0).to(tl.int32)         # scales[s+4]
+    y = tl.load(blk + 4 + s, mask=m, other=0).to(tl.int32)         # scales[s]
+    z = tl.load(blk + 4 + (s % 4), mask=m, other=0).to(tl.int32)   # scales[s-4] for s >= 4
+    sc = tl.where(s < 4, y & 0x3F, (x & 0x0F) | ((z >> 2) & 0x30))
+    mn = tl.where(s < 4, x & 0x3F, (x >> 4) | ((y >> 2) & 0x30))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@jit
+def _sum(x, AXIS: tl.constexpr):
+    """tl.sum(x, AXIS), spelled with builtins: tl.sum and tl.zeros are themselves @jit functions, which the
+    interpreted copy of this file cannot call (Triton was imported without TRITON_INTERPRET); the interpreter
+    still maps _sum_combine to numpy's sum."""
+    return tl.reduce(x, AXIS, tl.standard._sum_combine)
+
+
+@jit
+def _cast(val, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
+    """val (float32) in `dtype`. The interpreter's float32 -> bf16 cast truncates: there we round to nearest even
+    by hand, as the GPU and torch do."""
+    if BF16_BITS:
+        bits = val.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return val.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block decoders: blk [..., 1, 1] -> float32 [..., S, W]
+
+@jit
+def _q8_0(blk, m):
+    # d[2] qs[32] (int8)
+    k = tl.arange(0, 32)[None, :]
+    q = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    return q * _f16(blk, m)
+
+
+@jit
+def _q4_0(blk, m):
+    # d[2] qs[16]; low nibbles are quants 0-15, high nibbles 16-31
+    h = tl.arange(0, 2)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    byte = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int32)
+    q = ((byte >> (h * 4)) & 0xF).to(tl.float32) - 8.0
+    return _f16(blk, m) * q
+
+
+@jit
+def _q4_k(blk, m):
+    # d[2] dmin[2] scales[12] qs[128]; 8 sub-blocks of 32, sub-block s = nibble s%2 of qs[(s//2)*32 + k]
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    sc, mn = _k_scale_min(blk, s, m)
+    dl = _f16(blk, m) * sc
+    ml = _f16(blk + 2, m) * mn
+    byte = tl.load(blk + 16 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32)
+    q = ((byte >> ((s % 2) * 4)) & 0xF).to(tl.float32)
+    return dl * q - ml
+
+
+@jit
+def _q5_k(blk, m):
+    # d[2] dmin[2] scales[12] qh[32] qs[128]; bit s of qh[k] is the 5th bit of quant s*32+k
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    sc, mn = _k_scale_min(blk, s, m)
+    dl = _f16(blk, m) * sc
+    ml = _f16(blk + 2, m) * mn
+    low = (tl.load(blk + 48 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 2) * 4)) & 0xF
+    high = (tl.load(blk + 16 + k, mask=m, other=0).to(tl.int32) >> s) & 1
+    q = (low | (high << 4)).to(tl.float32)
+    return dl * q - ml
+
+
+@jit
+def _q6_k(blk, m):
+    # ql[128] qh[64] scales[16] (int8) d[2]; quant j = g*128 + p*32 + k with g = s//4, p = s%4
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    g = s // 4
+    p = s % 4
+    low = (tl.load(blk + g * 64 + (p % 2) * 32 + k, mask=m, other=0).to(tl.int32) >> ((p // 2) * 4)) & 0xF
+    high = (tl.load(blk + 128 + g * 32 + k, mask=m, other=0).to(tl.int32) >> (p * 2)) & 3
+    q = (low | (high << 4)).to(tl.float32) - 32.0
+    sc = tl.load(blk + 192 + s * 2 + k // 16, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    dl = _f16(blk + 208, m) * sc
+    return dl * q
+
+
+@jit
+def _q3_k(blk, m):
+    # hmask[32] qs[64] scales[12] d[2]; 16 sub-blocks of 16 with signed 6-bit scales
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    t = s * 2 + k // 16  # sub-block of 16
+    sc_low = (tl.load(blk + 96 + t % 8, mask=m, other=0).to(tl.int32) >> ((t // 8) * 4)) & 0xF
+    sc_high = (tl.load(blk + 104 + t % 4, mask=m, other=0).to(tl.int32) >> ((t // 4) * 2)) & 3
+    sc = (sc_low | (sc_high << 4)).to(tl.float32) - 32.0
+    dl = _f16(blk + 108, m) * sc
+    ql = (tl.load(blk + 32 + (s // 4) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 4) * 2)) & 3
+    hm = (tl.load(blk + k, mask=m, other=0).to(tl.int32) >> s) & 1
+    q = (ql - ((hm ^ 1) << 2)).to(tl.float32)
+    return dl * q
+
+
+@jit
+def _decode(blk, m, QT: tl.constexpr):
+    """The decoder of quant type QT (ids and layouts: triton_dequant.GGUF_LAYOUT)."""
+    if QT == 0:
+        val = _q8_0(blk, m)
+    elif QT == 1:
+        val = _q4_0(blk, m)
+    elif QT == 2:
+        val = _q4_k(blk, m)
+    elif QT == 3:
+        val = _q5_k(blk, m)
+    elif QT == 4:
+        val = _q6_k(blk, m)
+    else:
+        val = _q3_k(blk, m)
+    return val
+
+
+@jit
+def _nf4(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, e, blk, m, bm,
+         NESTED: tl.constexpr, MUL_RN: tl.constexpr):
+    """NF4 elements e [..., BS] of absmax blocks blk [..., 1] (masks m, bm): code[nibble] * absmax[blk], the
+    nibble being byte e//2 of packed, high nibble first. Statistics are loaded once per block."""
+    byte = tl.load(packed + e // 2, mask=m, other=0).to(tl.int32)
+    nib = (byte >> ((1 - e % 2) * 4)) & 0xF
+    v = tl.load(code + nib, mask=m, other=0.0)
+    if NESTED:
+        a = tl.load(absmax + blk, mask=bm, other=0).to(tl.int32)
+        vals = tl.load(nested_code + a, mask=bm, other=0.0)
+        scale = tl.load(nested_absmax + blk // nested_blocksize, mask=bm, other=0.0)
+        if MUL_RN:  # compiled: an explicitly rounded product, never contracted with the add into an FMA.
+            # Inductor passes Python floats as fp64 (a plain launch as fp32): add in float32 either way; the
+            # host hands over a float32-representable value, so the conversion is exact.
+            am = libdevice.mul_rn(vals, scale) + tl.full([], offset, tl.float32)
+        else:  # interpreter: numpy float32 arithmetic with a Python float stays float32
+            am = vals * scale + offset
+    else:
+        am = tl.load(absmax + blk, mask=bm, other=0.0)
+    return v * am
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dequantization: raw blocks -> out (bf16 / fp16 / fp32), NB whole blocks per program
+
+@jit
+def dequant_gguf(raw, out, n_blocks, QT: tl.constexpr, BLOCK: tl.constexpr, TS: tl.constexpr, S: tl.constexpr,
+                 W: tl.constexpr, NB: tl.constexpr, BF16_BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    raw += pid.to(tl.int64) * (NB * TS)
+    out += pid.to(tl.int64) * (NB * BLOCK)
+    b = tl.arange(0, NB)[:, None, None]
+    m = (pid * NB + b) < n_blocks
+    val = _decode(raw + b * TS, m, QT)
+    s = tl.arange(0, S)[:, None]
+    k = tl.arange(0, W)[None, :]
+    tl.store(out + b * BLOCK + s * W + k, _cast(val, out.dtype.element_ty, BF16_BITS), mask=m)
+
+
+@jit
+def dequant_nf4(packed, absmax, code, nested_absmax, nested_code, offset, out, n, nested_blocksize,
+                BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, MUL_RN: tl.constexpr,
+                BF16_BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    packed += pid.to(tl.int64) * (NB * BS // 2)
+    out += pid.to(tl.int64) * (NB * BS)
+    b = tl.arange(0, NB)[:, None]
+    e = b * BS + tl.arange(0, BS)[None, :]
+    m = (pid.to(tl.int64) * (NB * BS) + e) < n
+    blk = pid * NB + b
+    val = _nf4(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, e, blk, m,
+               blk.to(tl.int64) * BS < n, NESTED, MUL_RN)
+    tl.store(out + e, _cast(val, out.dtype.element_ty, BF16_BITS), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused small-batch matmul: out[row, n] = sum_k x[row, k] * W[n, k] (+ bias[n]) straight from the quantized bytes.
+#
+# For activations of a few rows (FLUX's modulation linears see one row per image) the matmul is bound by reading
+# the weight: dequantizing first reads the raw bytes, writes a bf16 copy and reads it again (Q8_0: ~5 bytes per
+# weight); here the raw bytes are read once (~1.06). Grid (output tiles, rows); a program walks K and keeps a
+# float32 partial product per element of its tile, summed once at the end. The weight is rounded to x's dtype
+# before multiplying, as dequantize-then-matmul does, so the result differs from that only in summation order.
+
+@jit
+def matmul_gguf(x, raw, bias, out, N, BPR, stride_x, stride_o, QT: tl.constexpr, BLOCK: tl.constexpr,
+                TS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BF16_BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n = pid * BN + tl.arange(0, BN)
+    n_ok = (n < N)[:, None, None, None]
+    wrow = raw + n.to(tl.int64)[:, None, None, None] * (BPR * TS)   # [BN, 1, 1, 1]
+    j = tl.arange(0, KB)[None, :, None, None]                       # [1, KB, 1, 1] blocks along K
+    kin = tl.arange(0, S)[:, None] * W + tl.arange(0, W)[None, :]   # [S, W] element within a block
+    xrow = x + row * stride_x
+    acc = tl.full([BN, KB, S, W], 0.0, tl.float32)
+    for j0 in range(0, BPR, KB):
+        jj = j0 + j
+        w = _decode(wrow + jj * TS, n_ok & (jj < BPR), QT)
+        w = _cast(w, x.dtype.element_ty, BF16_BITS).to(tl.float32)
+        xv = tl.load(xrow + jj * BLOCK + kin, mask=jj < BPR, other=0.0).to(tl.float32)
+        acc += w * xv
+    y = _sum(_sum(_sum(acc, 3), 2), 1)
+    n_in = n < N
+    if HAS_BIAS:
+        y += tl.load(bias + n, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(out + row * stride_o + n, _cast(y, out.dtype.element_ty, BF16_BITS), mask=n_in)
+
+
+@jit
+def matmul_nf4(x, packed, absmax, code, nested_absmax, nested_code, offset, bias, out, N, K, nested_blocksize,
+               stride_x, stride_o, BS: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, NESTED: tl.constexpr,
+               MUL_RN: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BITS: tl.constexpr):
+    # rows are whole absmax blocks (K % BS == 0, checked by the host): a tile is [BN rows, KB blocks, BS]
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n = pid * BN + tl.arange(0, BN)
+    n_ok = (n < N)[:, None, None]
+    first = n.to(tl.int64)[:, None, None] * K + tl.arange(0, KB)[None, :, None] * BS   # [BN, KB, 1]
+    i = tl.arange(0, BS)[None, None, :]
+    xrow = x + row * stride_x
+    acc = tl.full([BN, KB, BS], 0.0, tl.float32)
+    for k0 in range(0, K, KB * BS):
+        k = k0 + tl.arange(0, KB)[None, :, None] * BS                                # [1, KB, 1]
+        bm = n_ok & (k < K)
+        e = first + k0
+        w = _nf4(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, e + i, e // BS,
+                 bm, bm, NESTED, MUL_RN)
+        w = _cast(w, x.dtype.element_ty, BF16_BITS).to(tl.float32)
+        xv = tl.load(xrow + k + i, mask=k < K, other=0.0).to(tl.float32)
+        acc += w * xv
+    y = _sum(_sum(acc, 2), 1)
+    n_in = n < N
+    if HAS_BIAS:
+        y += tl.load(bias + n, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(out + row * stride_o + n, _cast(y, out.dtype.element_ty, BF16_BITS), mask=n_in)

@@ -1,0 +1,154 @@
+"""Fused small-batch matmul from quantized weights: y = x @ W.T + b read straight from the raw blocks (Triton).
+
+Where it pays: activations of a few rows. FLUX's modulation linears (img_mod / txt_mod / modulation, ~27 % of
+the weights) see one row per image, so their matmul is a pass over the weight. Dequantize-then-matmul makes that
+pass three times (read raw, write bf16, read bf16: ~5 bytes per Q8_0 weight); here it is once (~1.06). With many
+rows the weight is reused across them and dequantize + cuBLAS wins, so this only takes x with at most MAX_ROWS rows.
+
+Off unless ``KLV_FUSED_MATMUL=1``: exact against the dequantize-then-matmul reference in the tests (Triton
+interpreter) and compiled for sm_80/89/90, but not yet timed on a GPU. `kontext-lowvram bench` measures it
+(rows "fused small-batch matmul"); the default flips once BENCHMARKS.md shows it faster.
+
+Same dispatch rules as the dequant kernels (`triton_dequant.available`): Triton, an NVIDIA device, no KLV_NO_TRITON.
+CPU tensors run the kernels in Triton's interpreter (the tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import triton_dequant as td
+
+MAX_ROWS = 4
+ENV_ENABLE = "KLV_FUSED_MATMUL"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# qtype -> (output features per program, blocks along K per step, num_warps). 2048 weights per step: the most that
+# compiles without register spills for every type (ptxas for sm_90; tests/test_triton_compile.py checks it). Not
+# yet timed on a GPU.
+GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_K": (8, 1, 4), "Q5_K": (8, 1, 4),
+                      "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8)}
+# nf4: (output features per program, 64-element absmax blocks along K per step, num_warps)
+NF4_MATMUL_CONFIG = (8, 4, 4)
+INTERPRET_TILE = 1 << 15  # elements per program step in the interpreter (bigger is faster there)
+
+__all__ = ["MAX_ROWS", "enabled", "supports", "linear"]
+
+
+@td._ASSUME_CONSTANT  # torch.compile: read once while tracing
+def enabled() -> bool:
+    """KLV_FUSED_MATMUL=1 switches the fused small-batch matmul on (off by default until timed on a GPU)."""
+    return os.environ.get(ENV_ENABLE, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
+    """True when `linear` can take this weight and activation (any device; CUDA also needs `td.available`)."""
+    if x.dtype not in DTYPES or x.shape[-1] != shape[-1] or len(shape) != 2:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= MAX_ROWS:
+        return False
+    if qformat == "gguf":
+        return td._kernel_name(meta.get("qtype")) is not None
+    if qformat == "nf4":
+        bs = int(meta.get("blocksize", 0))
+        return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
+    return False
+
+
+def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(W).T + bias in one kernel, W being `raw` in `qformat` with logical `shape` (out, in).
+    The caller checks `supports` first. Output dtype is x's; W is rounded to x's dtype before multiplying."""
+    n_out, k = (int(s) for s in shape)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    flat = raw.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    bias_t = bias.to(x.dtype).contiguous() if bias is not None else x2  # x2: any pointer, unused without bias
+    if qformat == "gguf":
+        out = _gguf_op(x2, flat.contiguous(), bias_t, td._kernel_name(meta["qtype"]), n_out, bias is not None)
+    else:
+        q = _nf4_args(flat, meta, aux)
+        out = _nf4_op(x2, *q, bias_t, n_out, bias is not None)
+    return out.view(*lead, n_out)
+
+
+def _nf4_args(flat, meta, aux):
+    device = flat.device
+    code = aux["code"].to(device, torch.float32).contiguous()
+    if "nested_absmax" in aux:
+        absmax = aux["absmax"].to(device).reshape(-1).contiguous()
+        nested_absmax = aux["nested_absmax"].to(device, torch.float32).reshape(-1).contiguous()
+        nested_code = aux["nested_code"].to(device, torch.float32).reshape(-1).contiguous()
+        offset, nested_bs, nested = td._f32(meta["nested_offset"]), int(meta["nested_blocksize"]), True
+    else:
+        absmax = aux["absmax"].to(device, torch.float32).reshape(-1).contiguous()
+        nested_absmax, nested_code, offset, nested_bs, nested = absmax, code, 0.0, 1, False
+    return flat.contiguous(), absmax, code, nested_absmax, nested_code, offset, nested_bs, int(meta["blocksize"]), \
+        nested
+
+
+def _gguf_impl(x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, qtype: str, n_out: int,
+               has_bias: bool) -> torch.Tensor:
+    rows, k = x.shape
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    qt, block, type_size, sub, width = td.GGUF_LAYOUT[qtype]
+    bn, kb, warps = GGUF_MATMUL_CONFIG[qtype]
+    interpret = x.device.type != "cuda"
+    if interpret:
+        bn = 64
+        kb = max(1, INTERPRET_TILE // (bn * block))
+    bpr = k // block
+    kb = min(kb, 1 << max(bpr - 1, 0).bit_length())  # no wider than a row (power of two)
+    td._launch(td._kernels(interpret).matmul_gguf, interpret, (td.triton_cdiv(n_out, bn), rows), x, raw, bias,
+               out, n_out, bpr, x.stride(0), out.stride(0), QT=qt, BLOCK=block, TS=type_size, S=sub, W=width,
+               BN=bn, KB=kb, HAS_BIAS=has_bias, BF16_BITS=interpret and x.dtype == torch.bfloat16,
+               num_warps=warps)
+    return out
+
+
+def _nf4_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+              nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: float, nested_blocksize: int,
+              blocksize: int, nested: bool, bias: torch.Tensor, n_out: int, has_bias: bool) -> torch.Tensor:
+    rows, k = x.shape
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    bn, kb, warps = NF4_MATMUL_CONFIG
+    kb = max(1, kb * 64 // blocksize)
+    interpret = x.device.type != "cuda"
+    if interpret:
+        bn = 64
+        kb = max(1, INTERPRET_TILE // (bn * blocksize))
+    kb = min(kb, 1 << max(k // blocksize - 1, 0).bit_length())
+    td._launch(td._kernels(interpret).matmul_nf4, interpret, (td.triton_cdiv(n_out, bn), rows), x, packed, absmax,
+               code, nested_absmax, nested_code, offset, bias, out, n_out, k, nested_blocksize, x.stride(0),
+               out.stride(0), BS=blocksize, BN=bn, KB=kb, NESTED=nested, MUL_RN=not interpret, HAS_BIAS=has_bias,
+               BF16_BITS=interpret and x.dtype == torch.bfloat16, num_warps=warps)
+    return out
+
+
+def _register_ops():
+    """As custom ops (torch.compile sees one op, Inductor the kernel), registered once per process."""
+    if td._triton_op is None:
+        return _gguf_impl, _nf4_impl
+    try:
+        return (td._triton_op("kontext_lowvram::gguf_matmul", mutates_args=())(_gguf_impl),
+                td._triton_op("kontext_lowvram::nf4_matmul", mutates_args=())(_nf4_impl))
+    except RuntimeError:  # already registered by another import of this file
+        ns = torch.ops.kontext_lowvram
+        return ns.gguf_matmul, ns.nf4_matmul
+
+
+_gguf_op, _nf4_op = _register_ops()
+
+
+def reference(x, raw, qformat, meta, aux, shape, bias=None):
+    """What `linear` replaces: dequantize to x's dtype, then torch's matmul."""
+    from . import dequantize_raw
+    w = dequantize_raw(qformat, raw, meta, aux, shape, x.dtype)
+    return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
