@@ -259,8 +259,8 @@ def step_fn(model, inp):
     return step
 
 
-def measure(mm, make_model, inp, steps):
-    """(s/step median, torch peak GiB, device peak GiB, load s, output, patcher name)."""
+def measure(mm, make_model, inp, steps, profile=False):
+    """(s/step median, torch peak GiB, device peak GiB, load s, output, patcher name, profile or None)."""
     import torch
     cuda = inp["x"].is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -291,7 +291,8 @@ def measure(mm, make_model, inp, steps):
                 b.synchronize()
                 times.append(a.elapsed_time(b) / 1000)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
-    res = (statistics.median(times), peak, nv.peak / 2 ** 30, load_s, out.float().cpu(), type(model).__name__)
+    prof = profile_step(step, cuda) if profile else None  # after the timed steps: the profiler slows its step
+    res = (statistics.median(times), peak, nv.peak / 2 ** 30, load_s, out.float().cpu(), type(model).__name__, prof)
     mm.unload_all_models()
     del model
     mm.soft_empty_cache()
@@ -300,6 +301,56 @@ def measure(mm, make_model, inp, steps):
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+# (category, substrings of a kernel / op name); the first match wins, the rest is "other"
+PROFILE_CATEGORIES = [
+    ("quant", ("dequant_gguf", "dequant_nf4", "matmul_gguf", "matmul_nf4", "amax_kernel", "quant_kernel",
+               "kontext_lowvram::")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("copies", ("memcpy", "memset", "aten::copy_")),
+]
+PROFILE_COLUMNS = [c for c, _ in PROFILE_CATEGORIES] + ["other", "idle"]
+
+
+def profile_step(step, cuda):
+    """Milliseconds of one step per category: GPU kernel time on CUDA (CPU op self time with --smoke), plus "idle":
+    gaps between kernels inside the step, where the GPU waits on Python (launch overhead)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    totals = dict.fromkeys(PROFILE_COLUMNS, 0.0)
+
+    def add(name, us):
+        low = name.lower()
+        cat = next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+        totals[cat] += us / 1000
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        spans = []
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                add(e.name, e.time_range.elapsed_us())
+                spans.append((e.time_range.start, e.time_range.end))
+        spans.sort()
+        busy, end = 0, None
+        for a, b in spans:  # union of kernel intervals (streams may overlap)
+            if end is None or a > end:
+                busy += b - a
+                end = b
+            elif b > end:
+                busy += b - end
+                end = b
+        if spans:
+            totals["idle"] = max(0.0, (max(b for _, b in spans) - spans[0][0] - busy) / 1000)
+    else:
+        for e in prof.key_averages():
+            add(e.key, e.self_cpu_time_total)
+    return totals
 
 
 def matmul_rates(device):
@@ -352,6 +403,7 @@ def run(args):
     from .loaders.writers import to_safetensors_dict
     from .nodes.lora import apply_plan, plan_for_model
     from .optimizations.ops import make_comfy_ops
+    from .optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
 
     dev = mm.get_torch_device()
     cfg = FLUX_DEV
@@ -421,6 +473,8 @@ def run(args):
         configs.append(("ours", fmt, ours(fmt)))
         if fmt == "fp8_e4m3fn_scaled" and "upcast" in args.include:
             configs.append(("ours", fmt + " (upcast, no fp8 matmul)", ours(fmt, fp8_matmul=False)))
+        if "fused" in args.include and fmt != "fp8_e4m3fn_scaled":
+            configs.append(("ours", fmt + " (fused small-batch matmul)", ours(fmt), {FUSED_ENV: "1"}))
     if gguf_ops is not None:
         configs += [("ComfyUI-GGUF", fmt, gguf_node(fmt)) for fmt in args.gguf_formats]
     if lora_sd is not None:
@@ -431,14 +485,15 @@ def run(args):
                 configs.append(("ComfyUI-GGUF", f"{fmt} + LoRA r{LORA_RANK}", with_lora(gguf_node(fmt), "core")))
 
     rows, refs = [], {}
-    for who, label, make in configs:
+    for who, label, make, *env in configs:
         if args.only and not any(o in f"{who} {label}" for o in args.only):
             continue
         try:
-            s, p_torch, p_dev, load_s, out, patcher = measure(mm, make, inp, args.steps)
+            with env_vars(env[0] if env else {}):
+                s, p_torch, p_dev, load_s, out, patcher, prof = measure(mm, make, inp, args.steps, args.profile)
         except Exception as e:  # one broken config must not lose the others' numbers
             print(f"{who} {label}: FAILED {type(e).__name__}: {e}", flush=True)
-            rows.append((who, label, None, None, None, None, "", f"failed: {type(e).__name__}"))
+            rows.append((who, label, None, None, None, None, "", f"failed: {type(e).__name__}", None))
             mm.unload_all_models()
             mm.soft_empty_cache()
             continue
@@ -449,9 +504,10 @@ def run(args):
         else:
             ref_name, ref = refs[tag]
             err = f"{((out - ref).norm() / ref.norm()).item():.4f} vs {ref_name}" if torch.isfinite(out).all() else "non-finite"
-        rows.append((who, label, s, p_torch, p_dev, load_s, err, patcher))
+        rows.append((who, label, s, p_torch, p_dev, load_s, err, patcher, prof))
         print(f"{who:12s} {label:40s} {s:.4f} s/step  torch peak {p_torch:5.1f} GiB  device peak {p_dev:5.1f} GiB  "
-              f"load {load_s:5.1f} s  rel.diff {err}  {patcher}", flush=True)
+              f"load {load_s:5.1f} s  rel.diff {err}  {patcher}" + (f"  profile ms {prof_text(prof)}" if prof else ""),
+              flush=True)
     del ballast
     if args.smoke:
         print(table(args, rows, {"bf16": 0, "fp8": 0}, 0, 0, dynamic, 0, 0))
@@ -487,16 +543,43 @@ def table(args, rows, rates, floor_bf16, floor_fp8, dynamic, lin, attn):
         "",
         f"Command: `{args.command_line}`",
         "",
-        "| who | format | s/step | × core bf16 | torch peak GiB | device peak GiB | load s | output rel. L2 diff (same weights) | patcher |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| who | format | s/step | × core bf16 | torch peak GiB | device peak GiB | load s | output rel. L2 diff (same weights) | patcher |"
+        + (f" profile ms ({' / '.join(PROFILE_COLUMNS)}) |" if args.profile else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.profile else ""),
     ]
-    for who, label, s, p_t, p_d, load_s, err, patcher in rows:
+    for who, label, s, p_t, p_d, load_s, err, patcher, prof in rows:
+        extra = f" {prof_text(prof) if prof else '—'} |" if args.profile else ""
         if s is None:
-            lines.append(f"| {who} | {label} | — | — | — | — | — | — | {patcher} |")
+            lines.append(f"| {who} | {label} | — | — | — | — | — | — | {patcher} |" + extra)
             continue
         ratio = f"{s / base:.2f}" if base else "—"
-        lines.append(f"| {who} | {label} | {s:.3f} | {ratio} | {p_t:.1f} | {p_d:.1f} | {load_s:.1f} | {err} | {patcher} |")
+        lines.append(f"| {who} | {label} | {s:.3f} | {ratio} | {p_t:.1f} | {p_d:.1f} | {load_s:.1f} | {err} | {patcher} |"
+                     + extra)
+    if args.profile:
+        lines += ["", "Profile: one extra step under torch.profiler (slower than the timed ones), GPU kernel time per "
+                      "category: quant = our Triton dequant / fused matmul / fp8 activation kernels; matmul = cuBLAS/"
+                      "CUTLASS; copies = memcpy/memset (weights streamed in); other = elementwise, norms, torch-path "
+                      "dequant (ComfyUI-GGUF's); idle = gaps between kernels inside the step (the GPU waiting on Python)."]
     return "\n".join(lines) + "\n"
+
+
+def prof_text(prof):
+    return " / ".join(f"{prof[c]:.0f}" for c in PROFILE_COLUMNS)
+
+
+@contextlib.contextmanager
+def env_vars(values):
+    """Set environment variables for one measurement (e.g. KLV_FUSED_MATMUL), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def comfy_version(path):
@@ -512,7 +595,12 @@ def add_parser(sub):
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default $COMFYUI_PATH)")
     p.add_argument("--formats", nargs="*", default=OURS, help="our formats to measure")
     p.add_argument("--gguf-formats", nargs="*", default=GGUF_NODE, help="ComfyUI-GGUF formats (needs GGUF_NODE_PATH)")
-    p.add_argument("--include", nargs="*", default=["core", "upcast"], help="extra rows: core (its fp8), upcast")
+    p.add_argument("--include", nargs="*", default=["core", "upcast"],
+                   help="extra rows: core (its fp8), upcast (our fp8 without the fp8 matmul), fused (our formats with "
+                        "the fused small-batch matmul, KLV_FUSED_MATMUL=1)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extra step per row: GPU time in quant kernels / matmul / attention / copies / "
+                        "other, and idle gaps")
     p.add_argument("--lora", nargs="*", default=["Q8_0", "Q4_K"], help="formats measured with a rank-32 LoRA")
     p.add_argument("--only", nargs="*", help="run only rows whose 'who format' contains one of these")
     p.add_argument("--steps", type=int, default=5)

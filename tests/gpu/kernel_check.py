@@ -5,7 +5,8 @@ linear shapes it checks that the Triton result equals the torch reference exactl
 times both (triton.testing.do_bench, bf16 output) and prints a markdown table with the bandwidth reached
 (raw bytes read + output bytes written, per second). Then it checks that torch.compile(fullgraph=True) of
 dequant + matmul goes through `dequantize_raw` without a graph break and matches eager, and counts the kernels one
-weight costs on each path. Everything goes to stdout; about a minute on an H100.
+weight costs on each path. Last, the fused small-batch matmul (triton_matmul, 1 and 4 activation rows): error vs
+an fp64 matmul, and time against dequantize + F.linear (our default path) and a dense bf16 F.linear (core bf16). Everything goes to stdout; about a minute on an H100.
 
   python tests/gpu/kernel_check.py               # exactness + timings + torch.compile
   python tests/gpu/kernel_check.py --sweep       # also time other tile sizes (blocks per program x warps)
@@ -35,6 +36,7 @@ from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_w
 from kontext_lowvram.optimizations.quant import gguf as gq  # noqa: E402
 from kontext_lowvram.optimizations.quant import nf4 as nf4q  # noqa: E402
 from kontext_lowvram.optimizations.quant import triton_dequant as td  # noqa: E402
+from kontext_lowvram.optimizations.quant import triton_matmul as tm  # noqa: E402
 
 # Every distinct Linear weight shape (out, in) of FLUX.1 dev/schnell/Kontext (hidden 3072, MLP 12288).
 FLUX_SHAPES = [
@@ -234,6 +236,72 @@ def _compile_one(fmt, f, x, raw, meta, aux, shape, qformat):
     return ok
 
 
+MATMUL_SHAPES = [(18432, 3072), (9216, 3072), (3072, 3072), (3072, 12288)]  # modulation first: the 1-row linears
+
+
+def qformat_of(fmt):
+    return "nf4" if fmt.startswith("nf4") else "gguf"
+
+
+def matmul_check(device, shapes, sweep=False):
+    print("\n## Fused small-batch matmul (bf16 activations), µs; GB/s = raw weight bytes / fused time\n")
+    print("| format | shape | rows | rel. err vs fp64 (fused / dequant+linear) | fused | dequant + linear | "
+          "dense bf16 linear | fused vs dequant+linear | fused vs bf16 | fused GB/s |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    for fmt in FORMATS:
+        for i, shape in enumerate(shapes):
+            raw, meta, aux, nbytes = make(fmt, shape, seed=i, device=device)
+            q = qformat_of(fmt)
+            dense = reference(fmt, raw, meta, aux, shape, torch.bfloat16)
+            for rows in (1, 4):
+                x = torch.randn(rows, shape[1], device=device, dtype=torch.bfloat16)
+                want = x.double() @ dense.double().T
+                got = tm.linear(x, raw, q, meta, aux, shape)
+                base = tm.reference(x, raw, q, meta, aux, shape)
+                e_f = ((got.double() - want).norm() / want.norm()).item()
+                e_b = ((base.double() - want).norm() / want.norm()).item()
+                ok &= e_f <= 6e-3
+                t_f = bench(lambda: tm.linear(x, raw, q, meta, aux, shape))
+                t_b = bench(lambda: tm.reference(x, raw, q, meta, aux, shape))
+                t_d = bench(lambda: torch.nn.functional.linear(x, dense))
+                print(f"| {fmt} | {shape[0]}x{shape[1]} | {rows} | {e_f:.1e} / {e_b:.1e} | {t_f * 1e6:.1f} | "
+                      f"{t_b * 1e6:.1f} | {t_d * 1e6:.1f} | {t_b / t_f:.2f}x | {t_d / t_f:.2f}x | "
+                      f"{nbytes / t_f / 1e9:.0f} |", flush=True)
+            if sweep and i == 0:
+                matmul_sweep(fmt, raw, meta, aux, shape, device)
+            del raw, aux, dense
+    print(f"\nFUSED MATMUL WITHIN BOUND: {ok}")
+    return ok
+
+
+def matmul_sweep(fmt, raw, meta, aux, shape, device):
+    """Time other tiles (output rows per program x K blocks per step x warps) for one format, 1 row."""
+    x = torch.randn(1, shape[1], device=device, dtype=torch.bfloat16)
+    q = qformat_of(fmt)
+    saved = dict(tm.GGUF_MATMUL_CONFIG), tm.NF4_MATMUL_CONFIG
+    results = []
+    try:
+        for bn in (4, 8, 16, 32):
+            for kb in ((1, 2, 4) if fmt[-1] == "K" else (2, 4, 8, 16)):
+                for w in (2, 4, 8):
+                    if q == "nf4":
+                        tm.NF4_MATMUL_CONFIG = (bn, kb, w)
+                    else:
+                        tm.GGUF_MATMUL_CONFIG[fmt] = (bn, kb, w)
+                    try:
+                        results.append((bench(lambda: tm.linear(x, raw, q, meta, aux, shape)) * 1e6, bn, kb, w))
+                    except Exception as e:  # e.g. out of registers / shared memory for a big tile
+                        print(f"  {fmt} BN={bn} KB={kb} warps={w}: {type(e).__name__}")
+    finally:
+        tm.GGUF_MATMUL_CONFIG.clear()
+        tm.GGUF_MATMUL_CONFIG.update(saved[0])
+        tm.NF4_MATMUL_CONFIG = saved[1]
+    results.sort()
+    print(f"  sweep {fmt} {shape}: best " + ", ".join(f"BN={bn} KB={kb} w={w}: {t:.1f}" for t, bn, kb, w in
+                                                     results[:4]) + f" | worst {results[-1][0]:.1f} µs", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
@@ -255,6 +323,7 @@ def main():
         sweep(device)
     if not args.no_compile:
         ok &= compile_check(device)
+    ok &= matmul_check(device, MATMUL_SHAPES[:2] if args.quick else MATMUL_SHAPES, args.sweep)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 
