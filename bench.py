@@ -403,6 +403,7 @@ def run(args):
     from .loaders.writers import to_safetensors_dict
     from .nodes.lora import apply_plan, plan_for_model
     from .optimizations.ops import make_comfy_ops
+    from .optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
     from .optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
 
     dev = mm.get_torch_device()
@@ -481,6 +482,9 @@ def run(args):
         configs.append(("core", f"bf16 + LoRA r{LORA_RANK} (core, merged)", with_lora(core("bf16"), "core")))
         for fmt in args.lora:
             configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (low-rank)", with_lora(ours(fmt), "ours")))
+            if "fused" in args.include and fmt != "fp8_e4m3fn_scaled":
+                configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (merged in the dequant kernel)",
+                                with_lora(ours(fmt), "ours"), {FUSED_LORA_ENV: "1"}))
             if gguf_ops is not None and gguf_block_type(fmt):
                 configs.append(("ComfyUI-GGUF", f"{fmt} + LoRA r{LORA_RANK}", with_lora(gguf_node(fmt), "core")))
 
@@ -597,7 +601,8 @@ def add_parser(sub):
     p.add_argument("--gguf-formats", nargs="*", default=GGUF_NODE, help="ComfyUI-GGUF formats (needs GGUF_NODE_PATH)")
     p.add_argument("--include", nargs="*", default=["core", "upcast"],
                    help="extra rows: core (its fp8), upcast (our fp8 without the fp8 matmul), fused (our formats with "
-                        "the fused small-batch matmul, KLV_FUSED_MATMUL=1)")
+                        "the fused small-batch matmul, KLV_FUSED_MATMUL=1, and LoRA merged in the dequant kernel, "
+                        "KLV_FUSED_LORA=1)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step per row: GPU time in quant kernels / matmul / attention / copies / "
                         "other, and idle gaps")

@@ -100,6 +100,18 @@ class LowRankDelta:
         return weight
 
 
+def stacked_factors(deltas, device, dtype):
+    """(U, D) with U = [s₁·U₁ | s₂·U₂ | …] (out × Σr) and D = [D₁; D₂; …] (Σr × in), so that U·D = Σ sᵢ·Uᵢ·Dᵢ:
+    several LoRAs merged by one product. None when a delta patches only an output slice (offset)."""
+    if any(d.offset is not None for d in deltas):
+        return None
+    ups = [d._scaled_up(device, dtype) for d in deltas]
+    downs = [d.factors(device, dtype)[0] for d in deltas]
+    if len(deltas) == 1:
+        return ups[0], downs[0]
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
 def split_low_rank(functions):
     """(low-rank deltas, other weight functions) from a module's weight_function list."""
     low = [f for f in functions if isinstance(f, LowRankDelta)]

@@ -13,9 +13,9 @@ import inspect
 import torch
 
 from .fp8_linear import fp8_linear, use_fp8_matmul
-from .lora import split_low_rank
+from .lora import split_low_rank, stacked_factors
 from .qtensor import QTensor
-from .quant import dequantize_raw, triton_dequant, triton_matmul
+from .quant import dequantize_raw, triton_dequant, triton_lora, triton_matmul
 
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_GGUF_TYPES = ("F16", "BF16", "F32")  # "dequantized" by reinterpreting the stored bytes
@@ -60,14 +60,26 @@ def quantized_bytes(module) -> int:
     return n + sum(getattr(module, AUX_PREFIX + a).nbytes for a in module.klv_aux_names)
 
 
+def fused_lora_weight(module, raw: torch.Tensor, low_rank, dtype: torch.dtype):
+    """dequant(W) + Σ LoRA deltas in one kernel (triton_lora), or None where that path is off or cannot take it."""
+    if not (triton_lora.enabled() and triton_dequant.available(raw.device)):
+        return None
+    factors = stacked_factors(low_rank, raw.device, dtype)
+    if factors is None or not triton_lora.supports(module.klv_qformat, module.klv_meta, module.klv_qshape, dtype,
+                                                   factors[0].shape[1]):
+        return None
+    return triton_lora.dequantize_with_lora(raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
+                                            module.klv_qshape, dtype, *factors)
+
+
 def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     """x @ W.T + b for a quantized module whose raw storage is already on x's device.
 
     e4m3 weights take a real fp8 matmul where the GPU has one (unless weight functions must see the dense
     weight); activations of a few rows may take the fused small-batch matmul (triton_matmul, opt-in); everything
-    else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into
-    that just-dequantized weight when the activation has more rows than the weight has columns, else added to
-    the output; the stored quantized weight is never changed.
+    else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into that just-dequantized
+    weight when the activation has more rows than the weight has columns (in the dequant kernel itself where
+    triton_lora is switched on), else added to the output; the stored quantized weight is never changed.
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
@@ -77,17 +89,23 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
         out = triton_matmul.linear(x, raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
                                    module.klv_qshape, bias)
     else:
-        weight = dequantize_module_weight(module, raw, x.dtype)
-        for f in weight_fns:
-            weight = f(weight)
-        weight = weight.to(x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)
-        if low_rank and rows > weight.shape[1]:  # merging costs a pass over the weight, < a pass over the output
-            if module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES:
-                weight = weight.clone()  # may be a view of the stored weight: never change that in place
-            for delta in low_rank:
-                delta.merge_into(weight)
+        # merging costs a pass over the weight, < a pass over the output
+        merge = bool(low_rank) and rows > module.klv_qshape[1]
+        weight = fused_lora_weight(module, raw, low_rank, x.dtype) if merge and not weight_fns else None
+        if weight is not None:
             low_rank = []
+        else:
+            weight = dequantize_module_weight(module, raw, x.dtype)
+            for f in weight_fns:
+                weight = f(weight)
+            weight = weight.to(x.dtype)
+            if merge:
+                if module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES:
+                    weight = weight.clone()  # may be a view of the stored weight: never change that in place
+                for delta in low_rank:
+                    delta.merge_into(weight)
+                low_rank = []
         out = torch.nn.functional.linear(x, weight, bias)
     for delta in low_rank:
         delta.apply(x, out)

@@ -9,7 +9,7 @@ first tiles of the matmul kernels spilled 128-424 bytes; a few bytes, as ptxas g
 fp32 output on sm_89, cost nothing measurable).
 
 Every output dtype is compiled for sm_90; the other targets compile the bf16 variant (what models run), which keeps
-this file to about half a minute on two cores.
+this file to under two minutes on two cores.
 """
 import inspect
 import os
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kontext_lowvram.optimizations.quant import triton_dequant as td
+from kontext_lowvram.optimizations.quant import triton_lora as tlr
 from kontext_lowvram.optimizations.quant import triton_matmul as tm
 
 triton = pytest.importorskip("triton", reason="needs the `triton` package (pip install triton); no GPU needed")
@@ -91,6 +92,13 @@ def test_gguf_kernels_compile(kernels, qtype, arch):
     for dtype in _dtypes(arch, tm.DTYPES):
         _check(_compile(kernels.matmul_gguf, [PTR[dtype], "*u8", PTR[dtype], PTR[dtype], "i32", "i32", "i32", "i32"],
                         dict(layout, BN=bn, KB=kb, HAS_BIAS=True, BF16_BITS=False), arch, warps))
+    bn, kb, warps = tlr.GGUF_LORA_CONFIG[qtype]
+    for dtype in _dtypes(arch, (torch.bfloat16, torch.float32)):  # fp16 compiles as bf16 does
+        for rc in ((16, 32) if arch == 90 and dtype == torch.bfloat16 else (32,)):  # ranks per dot (_rank_tile)
+            _check(_compile(kernels.dequant_lora_gguf, ["*u8", PTR[dtype], PTR[dtype], PTR[dtype], "i32", "i32",
+                                                        "i32", "i32"],
+                            dict(layout, BN=bn, KB=kb, RC=rc, IEEE=dtype == torch.float32, BF16_BITS=False), arch,
+                            warps))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -108,6 +116,12 @@ def test_nf4_kernels_compile(kernels, nested, arch):
                                              PTR[dtype], PTR[dtype], "i32", "i32", "i32", "i32", "i32"],
                         dict(BS=64, BN=bn, KB=kb, NESTED=nested, MUL_RN=True, HAS_BIAS=True, BF16_BITS=False),
                         arch, warps))
+    bn, kb, warps = tlr.NF4_LORA_CONFIG
+    for dtype in _dtypes(arch, (torch.bfloat16, torch.float32)):
+        _check(_compile(kernels.dequant_lora_nf4, ["*u8", absmax, "*fp32", "*fp32", "*fp32", "fp32", PTR[dtype],
+                                                   PTR[dtype], PTR[dtype], "i32", "i32", "i32", "i32"],
+                        dict(BS=64, BN=bn, KB=kb, RC=32, NESTED=nested, MUL_RN=True, IEEE=dtype == torch.float32,
+                             BF16_BITS=False), arch, warps))
 
 
 @pytest.mark.parametrize("arch", [89, 90])

@@ -279,3 +279,67 @@ def matmul_nf4(x, packed, absmax, code, nested_absmax, nested_code, offset, bias
     if HAS_BIAS:
         y += tl.load(bias + n, mask=n_in, other=0.0).to(tl.float32)
     tl.store(out + row * stride_o + n, _cast(y, out.dtype.element_ty, BF16_BITS), mask=n_in)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dequantization with LoRA merged: out = dequant(W) + U·D in one pass over the weight (U: N×R, scaled; D: R×K).
+#
+# Merging after dequantizing (addmm into the bf16 weight) reads and writes the whole weight once more; here the
+# low-rank product of a [BN, COLS] tile is a small tensor-core dot (per 32 ranks) added before the single store. 2-D tiles:
+# BN output rows x a run of whole quant blocks along K.
+
+@jit
+def _lora_tile(up, down, n, n_ok, c0, K, R, COLS: tl.constexpr, RC: tl.constexpr, IEEE: tl.constexpr,
+               BF16_BITS: tl.constexpr):
+    """U[n, :R] · D[:R, c0:c0+COLS] in float32, [BN, COLS], RC ranks at a time (RC a power of two >= 16: any rank
+    fits the same registers)."""
+    c = c0 + tl.arange(0, COLS)
+    acc = tl.full([n.shape[0], COLS], 0.0, tl.float32)
+    for r0 in range(0, R, RC):
+        r = r0 + tl.arange(0, RC)
+        u = tl.load(up + n.to(tl.int64)[:, None] * R + r[None, :], mask=n_ok[:, None] & (r < R)[None, :], other=0.0)
+        d = tl.load(down + r.to(tl.int64)[:, None] * K + c[None, :], mask=(r < R)[:, None] & (c < K)[None, :],
+                    other=0.0)
+        if IEEE:  # fp32 factors: full-precision products (the default would be tf32)
+            acc += tl.dot(u, d, input_precision="ieee")
+        elif BF16_BITS:  # interpreter: its dot cannot take bf16; bf16 products are exact in float32 anyway
+            acc += tl.dot(u.to(tl.float32), d.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(u, d)
+    return acc
+
+
+@jit
+def dequant_lora_gguf(raw, up, down, out, N, K, BPR, R, QT: tl.constexpr, BLOCK: tl.constexpr, TS: tl.constexpr,
+                      S: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, RC: tl.constexpr,
+                      IEEE: tl.constexpr, BF16_BITS: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    j0 = tl.program_id(1) * KB
+    n_ok = n < N
+    j = j0 + tl.arange(0, KB)[None, :, None, None]                              # [1, KB, 1, 1]
+    m = n_ok[:, None, None, None] & (j < BPR)
+    w = _decode(raw + n.to(tl.int64)[:, None, None, None] * (BPR * TS) + j * TS, m, QT)   # [BN, KB, S, W]
+    delta = _lora_tile(up, down, n, n_ok, j0 * BLOCK, K, R, KB * BLOCK, RC, IEEE, BF16_BITS)       # [BN, KB * BLOCK]
+    val = w + tl.reshape(delta, [BN, KB, S, W])
+    kin = tl.arange(0, S)[:, None] * W + tl.arange(0, W)[None, :]
+    dst = out + n.to(tl.int64)[:, None, None, None] * K + j * BLOCK + kin
+    tl.store(dst, _cast(val, out.dtype.element_ty, BF16_BITS), mask=m)
+
+
+@jit
+def dequant_lora_nf4(packed, absmax, code, nested_absmax, nested_code, offset, up, down, out, N, K, R,
+                     nested_blocksize, BS: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, RC: tl.constexpr,
+                     NESTED: tl.constexpr, MUL_RN: tl.constexpr, IEEE: tl.constexpr, BF16_BITS: tl.constexpr):
+    # rows are whole absmax blocks (K % BS == 0): a tile is [BN rows, KB blocks, BS]
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    c0 = tl.program_id(1) * (KB * BS)
+    n_ok = n < N
+    k = c0 + tl.arange(0, KB)[None, :, None] * BS                                # [1, KB, 1] first column
+    bm = n_ok[:, None, None] & (k < K)
+    e = n.to(tl.int64)[:, None, None] * K + k                                     # [BN, KB, 1]
+    i = tl.arange(0, BS)[None, None, :]
+    w = _nf4(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, e + i, e // BS, bm, bm,
+             NESTED, MUL_RN)
+    delta = _lora_tile(up, down, n, n_ok, c0, K, R, KB * BS, RC, IEEE, BF16_BITS)
+    val = w + tl.reshape(delta, [BN, KB, BS])
+    tl.store(out + e + i, _cast(val, out.dtype.element_ty, BF16_BITS), mask=bm)

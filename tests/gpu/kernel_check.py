@@ -6,7 +6,8 @@ times both (triton.testing.do_bench, bf16 output) and prints a markdown table wi
 (raw bytes read + output bytes written, per second). Then it checks that torch.compile(fullgraph=True) of
 dequant + matmul goes through `dequantize_raw` without a graph break and matches eager, and counts the kernels one
 weight costs on each path. Last, the fused small-batch matmul (triton_matmul, 1 and 4 activation rows): error vs
-an fp64 matmul, and time against dequantize + F.linear (our default path) and a dense bf16 F.linear (core bf16). Everything goes to stdout; about a minute on an H100.
+an fp64 matmul, and time against dequantize + F.linear (our default path) and a dense bf16 F.linear (core bf16);
+and the one-pass LoRA merge (triton_lora, rank 32) against dequantize + addmm. Everything goes to stdout; about a minute on an H100.
 
   python tests/gpu/kernel_check.py               # exactness + timings + torch.compile
   python tests/gpu/kernel_check.py --sweep       # also time other tile sizes (blocks per program x warps)
@@ -36,6 +37,7 @@ from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_w
 from kontext_lowvram.optimizations.quant import gguf as gq  # noqa: E402
 from kontext_lowvram.optimizations.quant import nf4 as nf4q  # noqa: E402
 from kontext_lowvram.optimizations.quant import triton_dequant as td  # noqa: E402
+from kontext_lowvram.optimizations.quant import triton_lora as tlr  # noqa: E402
 from kontext_lowvram.optimizations.quant import triton_matmul as tm  # noqa: E402
 
 # Every distinct Linear weight shape (out, in) of FLUX.1 dev/schnell/Kontext (hidden 3072, MLP 12288).
@@ -302,6 +304,39 @@ def matmul_sweep(fmt, raw, meta, aux, shape, device):
                                                      results[:4]) + f" | worst {results[-1][0]:.1f} µs", flush=True)
 
 
+def lora_check(device, shapes, rank=32):
+    print(f"\n## Dequantize with a rank-{rank} LoRA merged (bf16), µs\n")
+    print("| format | shape | max |err| fused / two-step (vs exact) | one pass | dequant + addmm | dequant alone | "
+          "speed-up |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    ok = True
+    for fmt in FORMATS:
+        for i, shape in enumerate(shapes):
+            raw, meta, aux, _ = make(fmt, shape, seed=i, device=device)
+            q = qformat_of(fmt)
+            g = torch.Generator(device=device).manual_seed(i)
+            up = (torch.randn(shape[0], rank, device=device, generator=g) * 0.02).to(torch.bfloat16)
+            down = (torch.randn(rank, shape[1], device=device, generator=g) * 0.02).to(torch.bfloat16)
+
+            def one_pass():
+                return tlr.dequantize_with_lora(raw, q, meta, aux, shape, torch.bfloat16, up, down)
+
+            def two_step():
+                return dequantize_raw(q, raw, meta, aux, shape, torch.bfloat16).addmm_(up, down)
+
+            exact = dequantize_raw(q, raw, meta, aux, shape, torch.float32).double() + up.double() @ down.double()
+            e1 = (one_pass().double() - exact).abs().max().item()
+            e2 = (two_step().double() - exact).abs().max().item()
+            ok &= e1 <= e2
+            t1, t2 = bench(one_pass), bench(two_step)
+            t0 = bench(lambda: dequantize_raw(q, raw, meta, aux, shape, torch.bfloat16))
+            print(f"| {fmt} | {shape[0]}x{shape[1]} | {e1:.1e} / {e2:.1e} | {t1 * 1e6:.0f} | {t2 * 1e6:.0f} | "
+                  f"{t0 * 1e6:.0f} | {t2 / t1:.2f}x |", flush=True)
+            del raw, aux, exact
+    print(f"\nLORA MERGE NO WORSE THAN TWO-STEP: {ok}")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
@@ -324,6 +359,7 @@ def main():
     if not args.no_compile:
         ok &= compile_check(device)
     ok &= matmul_check(device, MATMUL_SHAPES[:2] if args.quick else MATMUL_SHAPES, args.sweep)
+    ok &= lora_check(device, shapes)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 

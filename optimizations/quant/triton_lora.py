@@ -1,0 +1,122 @@
+"""Dequantize with LoRA merged in the same pass: W' = dequant(W) + U·D, one Triton kernel per weight.
+
+Where it pays: LoRA on a quantized model at the Kontext shape (8704 activation rows), where ops merge the low-rank
+delta into the weight each forward dequantizes anyway. Merging after the fact is an addmm over the whole bf16
+weight, a read and a write of 2 bytes per weight (≈ 48 GB a step for FLUX, the +4.4 % measured for one LoRA on
+Q8_0); here each tile adds its U·D slice (a small tensor-core dot) before its only store. The sum is formed in
+float32 and rounded once (the two-step path rounds twice), so it is at least as close to the exact W + U·D.
+
+Off unless ``KLV_FUSED_LORA=1``: exact in the tests (Triton interpreter) and compiled for sm_80/89/90, but not yet
+timed on a GPU (`kontext-lowvram bench --include fused` has the rows). Same device rules as the dequant kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import triton_dequant as td
+
+ENV_ENABLE = "KLV_FUSED_LORA"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_RANK = 1024  # total rank of the LoRAs merged into one weight (the kernel walks it 32 at a time)
+
+# qtype -> (rows per program, quant blocks along K per program, num_warps): [16 x 256] tiles, no register spills
+# (tests/test_triton_compile.py). Not yet timed on a GPU.
+GGUF_LORA_CONFIG = {"Q8_0": (16, 8, 4), "Q4_0": (16, 8, 4), "Q4_K": (16, 1, 4), "Q5_K": (16, 1, 4),
+                    "Q6_K": (16, 1, 4), "Q3_K": (16, 1, 8)}
+NF4_LORA_CONFIG = (16, 2, 4)  # rows, 64-element absmax blocks along K, num_warps
+INTERPRET_ROWS = 64
+
+__all__ = ["enabled", "supports", "dequantize_with_lora"]
+
+
+@td._ASSUME_CONSTANT
+def enabled() -> bool:
+    """KLV_FUSED_LORA=1 switches the one-pass LoRA merge on (off by default until timed on a GPU)."""
+    return os.environ.get(ENV_ENABLE, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def supports(qformat: str, meta: dict, shape, dtype: torch.dtype, rank: int) -> bool:
+    if dtype not in DTYPES or not 0 < rank <= MAX_RANK or len(shape) != 2:
+        return False
+    if qformat == "gguf":
+        return td._kernel_name(meta.get("qtype")) is not None
+    if qformat == "nf4":
+        bs = int(meta.get("blocksize", 0))
+        return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
+    return False
+
+
+def dequantize_with_lora(raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape, dtype: torch.dtype,
+                         up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """dequant(raw) + up @ down in `dtype`, shape (N, K); up (N×R, already scaled) and down (R×K) on raw's device.
+    The caller checks `supports` first."""
+    n_out, k = (int(s) for s in shape)
+    up = up.to(raw.device, dtype).contiguous()
+    down = down.to(raw.device, dtype).contiguous()
+    flat = raw.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    if qformat == "gguf":
+        out = _gguf_op(flat.contiguous(), up, down, td._kernel_name(meta["qtype"]), n_out, k)
+    else:
+        from .triton_matmul import _nf4_args
+        packed, absmax, code, nested_absmax, nested_code, offset, nested_bs, blocksize, nested = \
+            _nf4_args(flat, meta, aux)
+        out = _nf4_op(packed, absmax, code, nested_absmax, nested_code, offset, nested_bs, blocksize, nested, up,
+                      down, n_out, k)
+    return out
+
+
+def _rank_tile(rank: int) -> int:
+    """Ranks per dot: the rank rounded up to a power of two, between 16 (tensor-core minimum) and 32."""
+    return min(32, max(16, 1 << (rank - 1).bit_length()))
+
+
+def _gguf_impl(raw: torch.Tensor, up: torch.Tensor, down: torch.Tensor, qtype: str, n_out: int,
+               k: int) -> torch.Tensor:
+    out = torch.empty(n_out, k, dtype=up.dtype, device=raw.device)
+    qt, block, type_size, sub, width = td.GGUF_LAYOUT[qtype]
+    bn, kb, warps = GGUF_LORA_CONFIG[qtype]
+    interpret = raw.device.type != "cuda"
+    if interpret:
+        bn = INTERPRET_ROWS
+    bpr = k // block
+    td._launch(td._kernels(interpret).dequant_lora_gguf, interpret,
+               (td.triton_cdiv(n_out, bn), td.triton_cdiv(bpr, kb)), raw, up, down, out, n_out, k, bpr,
+               up.shape[1], QT=qt, BLOCK=block, TS=type_size, S=sub, W=width, BN=bn, KB=kb,
+               RC=_rank_tile(up.shape[1]), IEEE=up.dtype == torch.float32,
+               BF16_BITS=interpret and up.dtype == torch.bfloat16, num_warps=warps)
+    return out
+
+
+def _nf4_impl(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nested_absmax: torch.Tensor,
+              nested_code: torch.Tensor, offset: float, nested_blocksize: int, blocksize: int, nested: bool,
+              up: torch.Tensor, down: torch.Tensor, n_out: int, k: int) -> torch.Tensor:
+    out = torch.empty(n_out, k, dtype=up.dtype, device=packed.device)
+    bn, kb, warps = NF4_LORA_CONFIG
+    kb = max(1, kb * 64 // blocksize)
+    interpret = packed.device.type != "cuda"
+    if interpret:
+        bn = INTERPRET_ROWS
+    td._launch(td._kernels(interpret).dequant_lora_nf4, interpret,
+               (td.triton_cdiv(n_out, bn), td.triton_cdiv(k, kb * blocksize)), packed, absmax, code, nested_absmax,
+               nested_code, offset, up, down, out, n_out, k, up.shape[1], nested_blocksize, BS=blocksize, BN=bn,
+               KB=kb, RC=_rank_tile(up.shape[1]), NESTED=nested, MUL_RN=not interpret,
+               IEEE=up.dtype == torch.float32, BF16_BITS=interpret and up.dtype == torch.bfloat16, num_warps=warps)
+    return out
+
+
+def _register_ops():
+    if td._triton_op is None:
+        return _gguf_impl, _nf4_impl
+    try:
+        return (td._triton_op("kontext_lowvram::gguf_dequant_lora", mutates_args=())(_gguf_impl),
+                td._triton_op("kontext_lowvram::nf4_dequant_lora", mutates_args=())(_nf4_impl))
+    except RuntimeError:  # already registered by another import of this file
+        ns = torch.ops.kontext_lowvram
+        return ns.gguf_dequant_lora, ns.nf4_dequant_lora
+
+
+_gguf_op, _nf4_op = _register_ops()
