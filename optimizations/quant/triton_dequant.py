@@ -216,21 +216,21 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _register_ops():
-    """The launches as custom ops (triton_op, torch >= 2.6), registered once per process at import (so a first call
-    inside torch.compile does not register them mid-trace). Another copy of this file (ComfyUI importing the folder
-    by path next to the installed package) reuses the ops already registered: same code, same kernels."""
+def register_op(name: str, impl):
+    """`impl` as the custom op kontext_lowvram::<name> (torch >= 2.6: torch.compile records one op, Inductor sees
+    the kernel), registered once per process at import, so a first call inside torch.compile does not register it
+    mid-trace. Another copy of the calling file (ComfyUI importing the folder by path next to the installed
+    package) reuses the op already registered: same code, same kernels. Older torch: `impl` itself."""
     if _triton_op is None:
-        return _gguf_impl, _nf4_impl
+        return impl
     try:
-        return (_triton_op("kontext_lowvram::gguf_dequant", mutates_args=())(_gguf_impl),
-                _triton_op("kontext_lowvram::nf4_dequant", mutates_args=())(_nf4_impl))
+        return _triton_op(f"kontext_lowvram::{name}", mutates_args=())(impl)
     except RuntimeError:  # already registered by another import of this file
-        ns = torch.ops.kontext_lowvram
-        return ns.gguf_dequant, ns.nf4_dequant
+        return getattr(torch.ops.kontext_lowvram, name)
 
 
-_gguf_op, _nf4_op = _register_ops()
+_gguf_op = register_op("gguf_dequant", _gguf_impl)
+_nf4_op = register_op("nf4_dequant", _nf4_impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,12 +269,9 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", float(x)))[0]
 
 
-def dequantize_nf4(q, dtype=torch.float32, device=None) -> torch.Tensor:
-    """nf4.dequantize_nf4(q, dtype, device) in one kernel launch (nested absmax decoded in the same kernel)."""
-    device = q.packed.device if device is None else torch.device(device)
-    if dtype not in OUT_DTYPES or q.blocksize & (q.blocksize - 1) or (q.nested and q.nested_blocksize <= 0):
-        from .nf4 import dequantize_nf4 as reference
-        return reference(q, dtype=dtype, device=device)
+def nf4_kernel_args(q, device) -> tuple:
+    """The NF4 kernels' tensor arguments for an NF4Weight on `device`: (packed, absmax, code, nested_absmax,
+    nested_code, offset, nested_blocksize, blocksize, nested); plain absmax stands in for the unused nested ones."""
     packed = q.packed.to(device).reshape(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
@@ -288,6 +285,18 @@ def dequantize_nf4(q, dtype=torch.float32, device=None) -> torch.Tensor:
     else:
         absmax = q.absmax.to(device, torch.float32).reshape(-1).contiguous()
         nested_absmax, nested_code, offset, nested_blocksize = absmax, code, 0.0, 1
-    out = _nf4_op(packed, absmax, code, nested_absmax, nested_code, offset, q.numel, int(q.blocksize),
-                        nested_blocksize, q.nested, dtype)
+    return packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, int(q.blocksize), \
+        bool(q.nested)
+
+
+def dequantize_nf4(q, dtype=torch.float32, device=None) -> torch.Tensor:
+    """nf4.dequantize_nf4(q, dtype, device) in one kernel launch (nested absmax decoded in the same kernel)."""
+    device = q.packed.device if device is None else torch.device(device)
+    if dtype not in OUT_DTYPES or q.blocksize & (q.blocksize - 1) or (q.nested and q.nested_blocksize <= 0):
+        from .nf4 import dequantize_nf4 as reference
+        return reference(q, dtype=dtype, device=device)
+    packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, blocksize, nested = \
+        nf4_kernel_args(q, device)
+    out = _nf4_op(packed, absmax, code, nested_absmax, nested_code, offset, q.numel, blocksize, nested_blocksize,
+                  nested, dtype)
     return out.view(q.shape)

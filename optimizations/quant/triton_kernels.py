@@ -37,13 +37,14 @@ def _f16(p, m):
 
 @jit
 def _k_scale_min(blk, s, m):
-    """Q4_K/Q5_K: 6-bit scale and min of sub-block s from the twelve scale bytes at blk + 4 (gguf._k_scale_min)."""
+    """Q4_K/Q5_K: (d * scale, dmin * min) of sub-block s; d and dmin are the block's first two fp16 fields, the
+    6-bit scales and mins are packed in the twelve bytes at blk + 4 (gguf._k_scale_min)."""
     x = tl.load(blk + 8 + s, mask=m, other=0).to(tl.int32)         # scales[s+4]
     y = tl.load(blk + 4 + s, mask=m, other=0).to(tl.int32)         # scales[s]
     z = tl.load(blk + 4 + (s % 4), mask=m, other=0).to(tl.int32)   # scales[s-4] for s >= 4
     sc = tl.where(s < 4, y & 0x3F, (x & 0x0F) | ((z >> 2) & 0x30))
     mn = tl.where(s < 4, x & 0x3F, (x >> 4) | ((y >> 2) & 0x30))
-    return sc.to(tl.float32), mn.to(tl.float32)
+    return _f16(blk, m) * sc.to(tl.float32), _f16(blk + 2, m) * mn.to(tl.float32)
 
 
 @jit
@@ -90,9 +91,7 @@ def _q4_k(blk, m):
     # d[2] dmin[2] scales[12] qs[128]; 8 sub-blocks of 32, sub-block s = nibble s%2 of qs[(s//2)*32 + k]
     s = tl.arange(0, 8)[:, None]
     k = tl.arange(0, 32)[None, :]
-    sc, mn = _k_scale_min(blk, s, m)
-    dl = _f16(blk, m) * sc
-    ml = _f16(blk + 2, m) * mn
+    dl, ml = _k_scale_min(blk, s, m)
     byte = tl.load(blk + 16 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32)
     q = ((byte >> ((s % 2) * 4)) & 0xF).to(tl.float32)
     return dl * q - ml
@@ -103,9 +102,7 @@ def _q5_k(blk, m):
     # d[2] dmin[2] scales[12] qh[32] qs[128]; bit s of qh[k] is the 5th bit of quant s*32+k
     s = tl.arange(0, 8)[:, None]
     k = tl.arange(0, 32)[None, :]
-    sc, mn = _k_scale_min(blk, s, m)
-    dl = _f16(blk, m) * sc
-    ml = _f16(blk + 2, m) * mn
+    dl, ml = _k_scale_min(blk, s, m)
     low = (tl.load(blk + 48 + (s // 2) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 2) * 4)) & 0xF
     high = (tl.load(blk + 16 + k, mask=m, other=0).to(tl.int32) >> s) & 1
     q = (low | (high << 4)).to(tl.float32)

@@ -61,11 +61,8 @@ def dequantize_with_lora(raw: torch.Tensor, qformat: str, meta: dict, aux: dict,
     if qformat == "gguf":
         out = _gguf_op(flat.contiguous(), up, down, td._kernel_name(meta["qtype"]), n_out, k)
     else:
-        from .triton_matmul import _nf4_args
-        packed, absmax, code, nested_absmax, nested_code, offset, nested_bs, blocksize, nested = \
-            _nf4_args(flat, meta, aux)
-        out = _nf4_op(packed, absmax, code, nested_absmax, nested_code, offset, nested_bs, blocksize, nested, up,
-                      down, n_out, k)
+        from .triton_matmul import nf4_args
+        out = _nf4_op(*nf4_args(raw, meta, aux, shape), up, down, n_out, k)
     return out
 
 
@@ -108,15 +105,5 @@ def _nf4_impl(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, ne
     return out
 
 
-def _register_ops():
-    if td._triton_op is None:
-        return _gguf_impl, _nf4_impl
-    try:
-        return (td._triton_op("kontext_lowvram::gguf_dequant_lora", mutates_args=())(_gguf_impl),
-                td._triton_op("kontext_lowvram::nf4_dequant_lora", mutates_args=())(_nf4_impl))
-    except RuntimeError:  # already registered by another import of this file
-        ns = torch.ops.kontext_lowvram
-        return ns.gguf_dequant_lora, ns.nf4_dequant_lora
-
-
-_gguf_op, _nf4_op = _register_ops()
+_gguf_op = td.register_op("gguf_dequant_lora", _gguf_impl)
+_nf4_op = td.register_op("nf4_dequant_lora", _nf4_impl)

@@ -73,24 +73,14 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: di
     if qformat == "gguf":
         out = _gguf_op(x2, flat.contiguous(), bias_t, td._kernel_name(meta["qtype"]), n_out, bias is not None)
     else:
-        q = _nf4_args(flat, meta, aux)
-        out = _nf4_op(x2, *q, bias_t, n_out, bias is not None)
+        out = _nf4_op(x2, *nf4_args(raw, meta, aux, shape), bias_t, n_out, bias is not None)
     return out.view(*lead, n_out)
 
 
-def _nf4_args(flat, meta, aux):
-    device = flat.device
-    code = aux["code"].to(device, torch.float32).contiguous()
-    if "nested_absmax" in aux:
-        absmax = aux["absmax"].to(device).reshape(-1).contiguous()
-        nested_absmax = aux["nested_absmax"].to(device, torch.float32).reshape(-1).contiguous()
-        nested_code = aux["nested_code"].to(device, torch.float32).reshape(-1).contiguous()
-        offset, nested_bs, nested = td._f32(meta["nested_offset"]), int(meta["nested_blocksize"]), True
-    else:
-        absmax = aux["absmax"].to(device, torch.float32).reshape(-1).contiguous()
-        nested_absmax, nested_code, offset, nested_bs, nested = absmax, code, 0.0, 1, False
-    return flat.contiguous(), absmax, code, nested_absmax, nested_code, offset, nested_bs, int(meta["blocksize"]), \
-        nested
+def nf4_args(raw, meta, aux, shape):
+    """The NF4 kernels' arguments (triton_dequant.nf4_kernel_args) from a module's raw storage, meta and aux."""
+    from . import nf4_weight_from_parts
+    return td.nf4_kernel_args(nf4_weight_from_parts(raw, meta, aux, shape), raw.device)
 
 
 def _gguf_impl(x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, qtype: str, n_out: int,
@@ -131,19 +121,8 @@ def _nf4_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     return out
 
 
-def _register_ops():
-    """As custom ops (torch.compile sees one op, Inductor the kernel), registered once per process."""
-    if td._triton_op is None:
-        return _gguf_impl, _nf4_impl
-    try:
-        return (td._triton_op("kontext_lowvram::gguf_matmul", mutates_args=())(_gguf_impl),
-                td._triton_op("kontext_lowvram::nf4_matmul", mutates_args=())(_nf4_impl))
-    except RuntimeError:  # already registered by another import of this file
-        ns = torch.ops.kontext_lowvram
-        return ns.gguf_matmul, ns.nf4_matmul
-
-
-_gguf_op, _nf4_op = _register_ops()
+_gguf_op = td.register_op("gguf_matmul", _gguf_impl)
+_nf4_op = td.register_op("nf4_matmul", _nf4_impl)
 
 
 def reference(x, raw, qformat, meta, aux, shape, bias=None):
