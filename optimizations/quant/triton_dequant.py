@@ -124,6 +124,19 @@ def supports_gguf(qtype, dtype) -> bool:
     return _kernel_name(qtype) is not None and dtype in OUT_DTYPES
 
 
+def supports_row_tiles(qformat: str, meta: dict, shape) -> bool:
+    """True when the row-tiled kernels (fused matmul, LoRA merge) can read this weight: a GGUF type with a decoder,
+    or NF4 whose rows are whole absmax blocks (a power of two of at least 16)."""
+    if len(shape) != 2:
+        return False
+    if qformat == "gguf":
+        return _kernel_name(meta.get("qtype")) is not None
+    if qformat == "nf4":
+        bs = int(meta.get("blocksize", 0))
+        return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
+    return False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # kernels (triton_kernels.py, loaded on first use)
 

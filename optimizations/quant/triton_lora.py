@@ -38,14 +38,7 @@ def enabled() -> bool:
 
 
 def supports(qformat: str, meta: dict, shape, dtype: torch.dtype, rank: int) -> bool:
-    if dtype not in DTYPES or not 0 < rank <= MAX_RANK or len(shape) != 2:
-        return False
-    if qformat == "gguf":
-        return td._kernel_name(meta.get("qtype")) is not None
-    if qformat == "nf4":
-        bs = int(meta.get("blocksize", 0))
-        return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
-    return False
+    return dtype in DTYPES and 0 < rank <= MAX_RANK and td.supports_row_tiles(qformat, meta, shape)
 
 
 def dequantize_with_lora(raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape, dtype: torch.dtype,

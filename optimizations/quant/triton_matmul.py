@@ -47,14 +47,7 @@ def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
     if x.dtype not in DTYPES or x.shape[-1] != shape[-1] or len(shape) != 2:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= MAX_ROWS:
-        return False
-    if qformat == "gguf":
-        return td._kernel_name(meta.get("qtype")) is not None
-    if qformat == "nf4":
-        bs = int(meta.get("blocksize", 0))
-        return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
-    return False
+    return 0 < rows <= MAX_ROWS and td.supports_row_tiles(qformat, meta, shape)
 
 
 def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape,
