@@ -124,6 +124,17 @@ def test_nf4_kernels_compile(kernels, nested, arch):
                              BF16_BITS=False), arch, warps))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_small_matmul_compiles(kernels, arch):
+    bn, bk, warps = tm.FP8_MATMUL_CONFIG
+    for dtype in _dtypes(arch, tm.DTYPES):
+        for e5m2 in (False, True):
+            _check(_compile(kernels.matmul_fp8, [PTR[dtype], "*u8", "*fp32", PTR[dtype], PTR[dtype], "i32", "i32",
+                                                 "i32", "i32"],
+                            dict(BN=bn, BK=bk, E5M2=e5m2, HAS_SCALE=True, HAS_BIAS=True, BF16_BITS=False), arch,
+                            warps))
+
+
 @pytest.mark.parametrize("arch", [89, 90])
 def test_fp8_activation_kernels_compile(arch):
     from kontext_lowvram.optimizations import fp8_triton

@@ -87,7 +87,7 @@ def test_supports_rules():
     assert not tm.supports("gguf", {"qtype": "Q2_K"}, (8, 256), x1)                  # no kernel for the type
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 256), x1.double())         # dtype
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 128), x1)                  # K mismatch
-    assert not tm.supports("fp8", {}, (8, 256), x1)
+    assert tm.supports("fp8", {}, (8, 96), torch.zeros(1, 96))                      # fp8: any K
     assert tm.supports("nf4", {"blocksize": 64}, (8, 256), x1)
     assert not tm.supports("nf4", {"blocksize": 64}, (8, 96), torch.zeros(1, 96))     # rows cross absmax blocks
 
@@ -107,10 +107,12 @@ def _spy(monkeypatch):
     return calls
 
 
-def test_ops_take_it_only_when_switched_on(triton, monkeypatch):
+@pytest.mark.parametrize("fmt", ["Q8_0", "fp8_e4m3fn_scaled"])
+def test_ops_take_it_only_when_switched_on(triton, monkeypatch, fmt):
     monkeypatch.setattr(td, "available", lambda device: True)  # pretend CPU is a GPU: kernels run interpreted
     calls = _spy(monkeypatch)
-    layer = _layer()
+    layer = _layer(fmt)
+    layer.fp8_matmul = True  # fp8: its own fp8 matmul is for 16 rows or more; fewer take the fused kernel
     x = torch.randn(1, 2, 256).to(torch.bfloat16)
     monkeypatch.delenv(tm.ENV_ENABLE, raising=False)
     off = layer(x)
@@ -148,6 +150,25 @@ def test_ops_fused_with_lora(triton, monkeypatch):
     assert len(calls) == 2
 
 
-def test_qtensor_path_kernel_on_fp8_is_not_offered():
-    qw = quantize(torch.randn(16, 64), "fp8_e4m3fn_scaled")
-    assert isinstance(qw, QTensor) and not tm.supports(qw.qformat, qw.meta, qw.qshape, torch.zeros(1, 64))
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn_scaled", "fp8_e5m2_scaled", "fp8_e4m3fn"])
+def test_fp8_matches_fp64(triton, fmt):
+    for i, (shape, rows, dtype, bias) in enumerate([((37, 96), 1, torch.bfloat16, True),
+                                                    ((16, 600), 3, torch.float32, False),
+                                                    ((9, 32), 4, torch.float16, True)]):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.05
+        qw = quantize(w, fmt)
+        assert isinstance(qw, QTensor) and qw.qformat == "fp8"
+        assert tm.supports(qw.qformat, qw.meta, qw.qshape, torch.zeros(rows, shape[1], dtype=dtype))
+        _check("fp8", qw.raw, qw.meta, qw.aux, shape, rows, dtype, bias, seed=i)
+
+
+def test_fp8_decodes_every_byte(triton):
+    """Each of the 256 byte values of e4m3fn and e5m2 (NaN, inf, subnormals, ±0) decodes as torch converts it: a
+    256×1 weight of all bytes times x = [1]."""
+    raw = torch.arange(256, dtype=torch.uint8).reshape(256, 1)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        w = raw.view(dtype)
+        got = tm.linear(torch.ones(1, 1), w, "fp8", {}, {}, (256, 1)).flatten()
+        want = w.float().flatten()
+        same = (got == want) | (got.isnan() & want.isnan())
+        assert bool(same.all()), (dtype, (~same).nonzero().flatten()[:8].tolist())

@@ -278,6 +278,52 @@ def matmul_nf4(x, packed, absmax, code, nested_absmax, nested_code, offset, bias
     tl.store(out + row * stride_o + n, _cast(y, out.dtype.element_ty, BF16_BITS), mask=n_in)
 
 
+@jit
+def _fp8_value(byte, E5M2: tl.constexpr):
+    """An fp8 byte (e4m3fn or e5m2) as float32, by bit manipulation: exact, and independent of the GPU's own fp8
+    support (sm_80 has none)."""
+    b = byte.to(tl.uint32)
+    if E5M2:  # e5m2 is the top byte of an fp16
+        return (b << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    sign = (b & 0x80) << 24
+    e = (b >> 3) & 0xF
+    mant = b & 0x7
+    normal = (sign | ((e + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)  # bias 7 -> 127
+    sub = mant.to(tl.float32) * 0.001953125  # 2^-9: subnormals (and zero)
+    sub = tl.where(sign != 0, -sub, sub)
+    val = tl.where(e == 0, sub, normal)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), val)
+
+
+@jit
+def matmul_fp8(x, w, scale, bias, out, N, K, stride_x, stride_o, BN: tl.constexpr, BK: tl.constexpr,
+               E5M2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BITS: tl.constexpr):
+    # w: the fp8 weight as bytes (N x K); value = fp8 * scale (per tensor), as quant/fp8.dequantize_fp8
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n = pid * BN + tl.arange(0, BN)
+    n_ok = (n < N)[:, None]
+    base = n.to(tl.int64)[:, None] * K
+    kk = tl.arange(0, BK)[None, :]
+    xrow = x + row * stride_x
+    if HAS_SCALE:
+        s = tl.load(scale).to(tl.float32)
+    acc = tl.full([BN, BK], 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + kk
+        wv = _fp8_value(tl.load(w + base + k, mask=n_ok & (k < K), other=0), E5M2)
+        if HAS_SCALE:
+            wv = wv * s
+        wv = _cast(wv, x.dtype.element_ty, BF16_BITS).to(tl.float32)
+        xv = tl.load(xrow + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += wv * xv
+    y = _sum(acc, 1)
+    n_in = n < N
+    if HAS_BIAS:
+        y += tl.load(bias + n, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(out + row * stride_o + n, _cast(y, out.dtype.element_ty, BF16_BITS), mask=n_in)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dequantization with LoRA merged: out = dequant(W) + U·D in one pass over the weight (U: N×R, scaled; D: R×K).
 #

@@ -2,7 +2,9 @@
 
 Where it pays: activations of a few rows. FLUX's modulation linears (img_mod / txt_mod / modulation, ~27 % of
 the weights) see one row per image, so their matmul is a pass over the weight. Dequantize-then-matmul makes that
-pass three times (read raw, write bf16, read bf16: ~5 bytes per Q8_0 weight); here it is once (~1.06). With many
+pass three times (read raw, write bf16, read bf16: ~5 bytes per Q8_0 weight); here it is once (~1.06). GGUF
+types with a decoder, NF4, and fp8 (e4m3fn / e5m2, decoded by bit manipulation, so sm_80 works too: the fp8
+matmul of fp8_linear only takes 16 rows or more). With many
 rows the weight is reused across them and dequantize + cuBLAS wins, so this only takes x with at most MAX_ROWS rows.
 
 Off unless ``KLV_FUSED_MATMUL=1``: exact against the dequantize-then-matmul reference in the tests (Triton
@@ -31,6 +33,8 @@ GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_K": (8, 1, 4), "
                       "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8)}
 # nf4: (output features per program, 64-element absmax blocks along K per step, num_warps)
 NF4_MATMUL_CONFIG = (8, 4, 4)
+# fp8 (e4m3fn / e5m2, per-tensor scale): (output features per program, elements along K per step, num_warps)
+FP8_MATMUL_CONFIG = (8, 256, 4)
 INTERPRET_TILE = 1 << 15  # elements per program step in the interpreter (bigger is faster there)
 
 __all__ = ["MAX_ROWS", "enabled", "supports", "linear"]
@@ -47,7 +51,7 @@ def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
     if x.dtype not in DTYPES or x.shape[-1] != shape[-1] or len(shape) != 2:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return 0 < rows <= MAX_ROWS and td.supports_row_tiles(qformat, meta, shape)
+    return 0 < rows <= MAX_ROWS and (qformat == "fp8" or td.supports_row_tiles(qformat, meta, shape))
 
 
 def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape,
@@ -65,6 +69,11 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: di
     bias_t = bias.to(x.dtype).contiguous() if bias is not None else x2  # x2: any pointer, unused without bias
     if qformat == "gguf":
         out = _gguf_op(x2, flat.contiguous(), bias_t, td._kernel_name(meta["qtype"]), n_out, bias is not None)
+    elif qformat == "fp8":
+        scale = aux.get("scale")
+        scale_t = scale.to(raw.device, torch.float32).reshape(1) if scale is not None else x2  # x2: unused
+        out = _fp8_op(x2, flat.contiguous(), scale_t, bias_t, n_out, raw.dtype == torch.float8_e5m2,
+                      scale is not None, bias is not None)
     else:
         out = _nf4_op(x2, *nf4_args(raw, meta, aux, shape), bias_t, n_out, bias is not None)
     return out.view(*lead, n_out)
@@ -114,7 +123,23 @@ def _nf4_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     return out
 
 
+def _fp8_impl(x: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n_out: int, e5m2: bool,
+              has_scale: bool, has_bias: bool) -> torch.Tensor:
+    rows, k = x.shape
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    bn, bk, warps = FP8_MATMUL_CONFIG
+    interpret = x.device.type != "cuda"
+    if interpret:
+        bn, bk = 64, 512
+    bk = min(bk, 1 << max(k - 1, 0).bit_length())
+    td._launch(td._kernels(interpret).matmul_fp8, interpret, (td.triton_cdiv(n_out, bn), rows), x, raw, scale, bias,
+               out, n_out, k, x.stride(0), out.stride(0), BN=bn, BK=bk, E5M2=e5m2, HAS_SCALE=has_scale,
+               HAS_BIAS=has_bias, BF16_BITS=interpret and x.dtype == torch.bfloat16, num_warps=warps)
+    return out
+
+
 _gguf_op = td.register_op("gguf_matmul", _gguf_impl)
+_fp8_op = td.register_op("fp8_matmul_small", _fp8_impl)
 _nf4_op = td.register_op("nf4_matmul", _nf4_impl)
 
 

@@ -68,6 +68,11 @@ def gguf_blocks(qtype, shape, seed, device):
 
 def make(fmt, shape, seed, device):
     """(raw, meta, aux, raw bytes incl. statistics) for dequantize_raw."""
+    if fmt == "fp8":
+        from kontext_lowvram.optimizations.quant.fp8 import quantize_fp8
+        g = torch.Generator(device=device).manual_seed(seed)
+        data, scale = quantize_fp8(torch.randn(shape, device=device, generator=g) * 0.02)
+        return data, {}, {"scale": scale}, data.numel()
     if fmt.startswith("nf4"):
         g = torch.Generator(device=device).manual_seed(seed)
         w = torch.randn(shape, device=device, generator=g) * 0.02
@@ -79,6 +84,8 @@ def make(fmt, shape, seed, device):
 
 
 def reference(fmt, raw, meta, aux, shape, dtype):
+    if fmt == "fp8":
+        return dequantize_raw("fp8", raw, meta, aux, shape, dtype)
     if fmt.startswith("nf4"):
         from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
         return nf4q.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
@@ -241,8 +248,11 @@ def _compile_one(fmt, f, x, raw, meta, aux, shape, qformat):
 MATMUL_SHAPES = [(18432, 3072), (9216, 3072), (3072, 3072), (3072, 12288)]  # modulation first: the 1-row linears
 
 
+MATMUL_FORMATS = FORMATS + ["fp8"]
+
+
 def qformat_of(fmt):
-    return "nf4" if fmt.startswith("nf4") else "gguf"
+    return "nf4" if fmt.startswith("nf4") else "fp8" if fmt == "fp8" else "gguf"
 
 
 def matmul_check(device, shapes, sweep=False):
@@ -251,7 +261,7 @@ def matmul_check(device, shapes, sweep=False):
           "dense bf16 linear | fused vs dequant+linear | fused vs bf16 | fused GB/s |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     ok = True
-    for fmt in FORMATS:
+    for fmt in MATMUL_FORMATS:
         for i, shape in enumerate(shapes):
             raw, meta, aux, nbytes = make(fmt, shape, seed=i, device=device)
             q = qformat_of(fmt)
@@ -270,7 +280,15 @@ def matmul_check(device, shapes, sweep=False):
                 print(f"| {fmt} | {shape[0]}x{shape[1]} | {rows} | {e_f:.1e} / {e_b:.1e} | {t_f * 1e6:.1f} | "
                       f"{t_b * 1e6:.1f} | {t_d * 1e6:.1f} | {t_b / t_f:.2f}x | {t_d / t_f:.2f}x | "
                       f"{nbytes / t_f / 1e9:.0f} |", flush=True)
-            if sweep and i == 0:
+                if fmt == "fp8":  # the fp8 tensor-core path fp8_linear takes from 16 rows: is it worth it below?
+                    from kontext_lowvram.optimizations.fp8_linear import fp8_linear
+                    try:
+                        t_s = bench(lambda: fp8_linear(x, raw, aux["scale"]))
+                        print(f"|  | (fp8 _scaled_mm, dynamic activation scale) | {rows} | | {t_s * 1e6:.1f} |"
+                              " | | | | |", flush=True)
+                    except Exception as e:  # _scaled_mm may refuse so few rows
+                        print(f"|  | (fp8 _scaled_mm) | {rows} | {type(e).__name__} | | | | | | |", flush=True)
+            if sweep and i == 0 and fmt != "fp8":
                 matmul_sweep(fmt, raw, meta, aux, shape, device)
             del raw, aux, dense
     print(f"\nFUSED MATMUL WITHIN BOUND: {ok}")
