@@ -172,3 +172,39 @@ def test_fp8_decodes_every_byte(triton):
         want = w.float().flatten()
         same = (got == want) | (got.isnan() & want.isnan())
         assert bool(same.all()), (dtype, (~same).nonzero().flatten()[:8].tolist())
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "nf4", "fp8_e4m3fn_scaled"])
+def test_fused_paths_trace_without_graph_breaks(triton, monkeypatch, fmt):
+    """torch.compile(fullgraph=True) through the fused small-batch matmul (1 row) and the one-pass LoRA merge
+    (many rows): the dispatch (switches, support rules, stacked LoRA factors) and the custom ops trace as one graph."""
+    from kontext_lowvram.optimizations.lora import LowRankDelta
+    from kontext_lowvram.optimizations.quant import triton_lora as tlr
+    monkeypatch.setattr(td, "available", lambda device: True)
+    monkeypatch.setenv(tm.ENV_ENABLE, "1")
+    monkeypatch.setenv(tlr.ENV_ENABLE, "1")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    if fmt == "Q4_K":
+        qw = QTensor(gq.random_blocks("Q4_K", (32, 256), std=0.05), qformat="gguf", shape=(32, 256),
+                     meta={"qtype": "Q4_K"})
+    else:
+        qw = quantize(torch.randn(32, 256, generator=g) * 0.05, fmt)
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(torch.randn(32, 4, generator=g), torch.randn(4, 256, generator=g), 4.0,
+                                          0.5)]
+    graphs = []
+
+    def backend(gm, example_inputs):  # eager, keeping the graph to look at
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    ops = {"Q4_K": ("gguf_matmul", "gguf_dequant_lora"), "nf4": ("nf4_matmul", "nf4_dequant_lora"),
+           "fp8_e4m3fn_scaled": ("fp8_matmul_small", None)}[fmt]
+    for rows, op in zip((1, 300), ops):  # fused matmul (+ LoRA on the output); dequant with the LoRA merged in
+        x = torch.randn(rows, 256, generator=g)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+        if op is not None:
+            targets = {str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"}
+            assert any(op in t for t in targets), (op, targets)
