@@ -2,10 +2,10 @@
 
 Where it pays: activations of a few rows. FLUX's modulation linears (img_mod / txt_mod / modulation, ~27 % of
 the weights) see one row per image, so their matmul is a pass over the weight. Dequantize-then-matmul makes that
-pass three times (read raw, write bf16, read bf16: ~5 bytes per Q8_0 weight); here it is once (~1.06). GGUF
-types with a decoder, NF4, and fp8 (e4m3fn / e5m2, decoded by bit manipulation, so sm_80 works too: the fp8
-matmul of fp8_linear only takes 16 rows or more). With many
+pass three times (read raw, write bf16, read bf16: ~5 bytes per Q8_0 weight); here it is once (~1.06). With many
 rows the weight is reused across them and dequantize + cuBLAS wins, so this only takes x with at most MAX_ROWS rows.
+Formats: the GGUF types with a decoder, NF4, and fp8 (e4m3fn / e5m2, decoded by bit manipulation, so sm_80 works
+too; fp8_linear's tensor-core fp8 matmul only takes 16 rows or more).
 
 Off unless ``KLV_FUSED_MATMUL=1``: exact against the dequantize-then-matmul reference in the tests (Triton
 interpreter) and compiled for sm_80/89/90, but not yet timed on a GPU. `kontext-lowvram bench` measures it
