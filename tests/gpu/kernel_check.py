@@ -217,7 +217,35 @@ def compile_check(device):
         except Exception as e:  # report and go on with the next format
             ok = False
             print(f"- {fmt}: FAILED {type(e).__name__}: " + " | ".join(str(e).strip().splitlines()[:6]))
+    ok &= compile_fused(device, shape)
     print(f"\nCOMPILE OK: {ok}")
+    return ok
+
+
+def compile_fused(device, shape):
+    """The opt-in fused kernels (1-row matmul, LoRA merged in the dequant) under Inductor: one graph, same result."""
+    ok = True
+    for fmt in ("Q4_K", "nf4", "fp8"):
+        raw, meta, aux, _ = make(fmt, shape, seed=1, device=device)
+        q = qformat_of(fmt)
+        x = torch.randn(1, shape[1], device=device, dtype=torch.bfloat16)
+        up = torch.randn(shape[0], 32, device=device, dtype=torch.bfloat16) * 0.02
+        down = torch.randn(32, shape[1], device=device, dtype=torch.bfloat16) * 0.02
+        cases = [("fused 1-row matmul", lambda x, raw, aux: tm.linear(x, raw, q, meta, aux, shape))]
+        if fmt != "fp8":
+            cases.append(("LoRA merged in dequant", lambda x, raw, aux: torch.nn.functional.linear(
+                x, tlr.dequantize_with_lora(raw, q, meta, aux, shape, x.dtype, up, down))))
+        for name, f in cases:
+            torch._dynamo.reset()
+            try:
+                explain = torch._dynamo.explain(f)(x, raw, aux)
+                diff = (torch.compile(f, fullgraph=True)(x, raw, aux).float() - f(x, raw, aux).float()).abs().max()
+                good = explain.graph_break_count == 0 and diff.item() == 0
+                print(f"- {fmt} {name}: graph breaks {explain.graph_break_count}, |compiled - eager| {diff.item():.3g}")
+            except Exception as e:
+                good = False
+                print(f"- {fmt} {name}: FAILED {type(e).__name__}: " + " | ".join(str(e).strip().splitlines()[:4]))
+            ok &= good
     return ok
 
 
