@@ -239,8 +239,10 @@ def compile_fused(device, shape):
             torch._dynamo.reset()
             try:
                 explain = torch._dynamo.explain(f)(x, raw, aux)
-                diff = (torch.compile(f, fullgraph=True)(x, raw, aux).float() - f(x, raw, aux).float()).abs().max()
-                good = explain.graph_break_count == 0 and diff.item() == 0
+                eager = f(x, raw, aux).float()
+                diff = (torch.compile(f, fullgraph=True)(x, raw, aux).float() - eager).abs().max()
+                # Inductor may pick another GEMM for the linear: equal up to bf16 rounding
+                good = explain.graph_break_count == 0 and diff.item() <= 1e-2 * eager.abs().max().item()
                 print(f"- {fmt} {name}: graph breaks {explain.graph_break_count}, |compiled - eager| {diff.item():.3g}")
             except Exception as e:
                 good = False
