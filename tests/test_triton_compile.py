@@ -125,6 +125,15 @@ def test_nf4_kernels_compile(kernels, nested, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_dequant_compiles(kernels, arch):
+    block, warps = td.FP8_CONFIG
+    for dtype in _dtypes(arch, td.OUT_DTYPES):
+        for e5m2 in (False, True):
+            _check(_compile(kernels.dequant_fp8, ["*u8", "*fp32", PTR[dtype], "i32"],
+                            dict(BLOCK=block, E5M2=e5m2, HAS_SCALE=True, BF16_BITS=False), arch, warps))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_small_matmul_compiles(kernels, arch):
     bn, bk, warps = tm.FP8_MATMUL_CONFIG
     for dtype in _dtypes(arch, tm.DTYPES):

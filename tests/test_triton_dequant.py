@@ -159,6 +159,23 @@ def test_compile_no_graph_break(triton, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fp8: exact vs fp8.dequantize_fp8 for every byte value
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_exact_every_byte(triton, fp8, device):
+    from kontext_lowvram.optimizations.quant.fp8 import dequantize_fp8
+    data = torch.arange(256, dtype=torch.uint8, device=device).repeat(37).view(fp8).reshape(37, 256)
+    for scale in (None, torch.tensor(0.0123), torch.tensor([3.5e4])):  # fp16 output overflows to inf with the last
+        for dtype in DTYPES:
+            got, want = td.dequantize_fp8(data, scale, dtype), dequantize_fp8(data, scale, dtype)
+            assert got.shape == want.shape and got.dtype == dtype and got.device == data.device
+            same = (got == want) | (got.isnan() & want.isnan())
+            assert bool(same.all()), (fp8, scale, dtype, (~same).nonzero()[:4].tolist())
+    assert td.dequantize_fp8(data, None, torch.float64).dtype == torch.float64  # other dtypes: torch reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # dispatch (no triton needed)
 
 def _forbid(monkeypatch):
@@ -166,6 +183,7 @@ def _forbid(monkeypatch):
         raise AssertionError("the Triton path must not be taken here")
     monkeypatch.setattr(td, "dequantize_gguf", boom)
     monkeypatch.setattr(td, "dequantize_nf4", boom)
+    monkeypatch.setattr(td, "dequantize_fp8", boom)
 
 
 def _nf4_parts(shape=(4, 64)):
@@ -183,6 +201,9 @@ def test_dispatch_cpu_uses_torch(monkeypatch):
     q, nraw, meta, aux = _nf4_parts()
     assert torch.equal(dequantize_raw("nf4", nraw, meta, aux, q.shape, torch.float16),
                        nf4.dequantize_nf4(q, dtype=torch.float16))
+    data = torch.randn(4, 32).to(torch.float8_e4m3fn)
+    assert torch.equal(dequantize_raw("fp8", data, {}, {"scale": torch.tensor(0.5)}, (4, 32), torch.bfloat16),
+                       (data.float() * 0.5).to(torch.bfloat16))
 
 
 def test_available_rules(monkeypatch):
@@ -232,6 +253,12 @@ def test_dispatch_chooses_triton_when_available(monkeypatch):
     assert calls == [("nf4", 64, torch.bfloat16)]
     assert dequantize_raw("nf4", nraw, meta, aux, q.shape, torch.float64).dtype == torch.float64
     assert len(calls) == 1
+    monkeypatch.setattr(td, "dequantize_fp8", lambda data, scale, dtype: calls.append(("fp8", data.dtype, dtype))
+                        or torch.zeros(data.shape, dtype=dtype))
+    data = torch.zeros(2, 16, dtype=torch.float8_e5m2)
+    dequantize_raw("fp8", data, {}, {}, (2, 16), torch.float16)
+    dequantize_raw("fp8", data, {}, {}, (2, 16), torch.float64)  # no kernel for float64 output
+    assert calls[1:] == [("fp8", torch.float8_e5m2, torch.float16)]
 
 
 def test_supports_gguf():

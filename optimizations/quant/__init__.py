@@ -2,7 +2,7 @@
 
 Each family module (gguf, nf4, fp8) owns its block geometry, `dequantize` (vectorised torch, any device) and
 `quantize` (for on-load conversion and the converter). `dequantize_raw` is the single dispatch point used by the
-public `dequantize`, the quantized ops and the CLI; on CUDA it sends GGUF and NF4 to the fused Triton kernels of
+public `dequantize`, the quantized ops and the CLI; on CUDA it sends GGUF, NF4 and fp8 to the fused Triton kernels of
 `triton_dequant` when those can run there.
 """
 import torch
@@ -10,7 +10,7 @@ import torch
 from .common import QuantDataError, UnsupportedQuantType
 
 
-# GGUF and NF4 take the fused Triton kernels (one launch per weight) where triton_dequant.available() says they run:
+# GGUF, NF4 and fp8 take the fused Triton kernels (one launch per weight) where triton_dequant.available() says they run:
 # Triton installed, an NVIDIA CUDA device, KLV_NO_TRITON unset. The torch code stays the reference everywhere else.
 
 def _dequant_gguf(raw, meta, aux, shape, dtype):
@@ -30,7 +30,10 @@ def _dequant_nf4(raw, meta, aux, shape, dtype):
 
 
 def _dequant_fp8(raw, meta, aux, shape, dtype):
+    from . import triton_dequant
     from .fp8 import dequantize_fp8
+    if dtype in triton_dequant.OUT_DTYPES and triton_dequant.available(raw.device):
+        return triton_dequant.dequantize_fp8(raw, aux.get("scale"), dtype)
     return dequantize_fp8(raw, aux.get("scale"), dtype)
 
 

@@ -296,6 +296,18 @@ def _fp8_value(byte, E5M2: tl.constexpr):
 
 
 @jit
+def dequant_fp8(raw, scale, out, n, BLOCK: tl.constexpr, E5M2: tl.constexpr, HAS_SCALE: tl.constexpr,
+                BF16_BITS: tl.constexpr):
+    # fp8 bytes -> fp8 * scale in float32 (one rounding, as quant/fp8.dequantize_fp8) -> out dtype
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    val = _fp8_value(tl.load(raw + offs, mask=m, other=0), E5M2)
+    if HAS_SCALE:
+        val = val * tl.load(scale).to(tl.float32)
+    tl.store(out + offs, _cast(val, out.dtype.element_ty, BF16_BITS), mask=m)
+
+
+@jit
 def matmul_fp8(x, w, scale, bias, out, N, K, stride_x, stride_o, BN: tl.constexpr, BK: tl.constexpr,
                E5M2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BITS: tl.constexpr):
     # w: the fp8 weight as bytes (N x K); value = fp8 * scale (per tensor), as quant/fp8.dequantize_fp8

@@ -1,6 +1,6 @@
 """GPU check for the fused Triton dequant kernels (run by hand on a CUDA machine; not collected by pytest).
 
-For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K, NF4 plain and double-quantized) at the FLUX.1
+For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K, NF4 plain and double-quantized, scaled fp8) at the FLUX.1
 linear shapes it checks that the Triton result equals the torch reference exactly (bf16, fp16, fp32 outputs),
 times both (triton.testing.do_bench, bf16 output) and prints a markdown table with the bandwidth reached
 (raw bytes read + output bytes written, per second). Then it checks that torch.compile(fullgraph=True) of
@@ -50,7 +50,7 @@ FLUX_SHAPES = [
     (21504, 3072),   # single blocks: linear1 (qkv + mlp in)
     (3072, 15360),   # single blocks: linear2 (attn + mlp out)
 ]
-FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "nf4", "nf4-nested"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "nf4", "nf4-nested", "fp8"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -93,6 +93,8 @@ def reference(fmt, raw, meta, aux, shape, dtype):
 
 
 def fused(fmt, raw, meta, aux, shape, dtype):
+    if fmt == "fp8":
+        return td.dequantize_fp8(raw, aux["scale"], dtype)
     if fmt.startswith("nf4"):
         from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
         return td.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
@@ -149,6 +151,8 @@ def sweep(device, shape=(3072, 12288)):
     saved = dict(td.GGUF_CONFIG), dict(td.NF4_CONFIG)
     try:
         for fmt in FORMATS:
+            if fmt == "fp8":  # an elementwise kernel: nothing to sweep
+                continue
             raw, meta, aux, _ = make(fmt, shape, seed=0, device=device)
             ref = reference(fmt, raw, meta, aux, shape, torch.bfloat16)
             if fmt.startswith("nf4"):
@@ -278,9 +282,6 @@ def _compile_one(fmt, f, x, raw, meta, aux, shape, qformat):
 MATMUL_SHAPES = [(18432, 3072), (9216, 3072), (3072, 3072), (3072, 12288)]  # modulation first: the 1-row linears
 
 
-MATMUL_FORMATS = FORMATS + ["fp8"]
-
-
 def qformat_of(fmt):
     return "nf4" if fmt.startswith("nf4") else "fp8" if fmt == "fp8" else "gguf"
 
@@ -291,7 +292,7 @@ def matmul_check(device, shapes, sweep=False):
           "dense bf16 linear | fused vs dequant+linear | fused vs bf16 | fused GB/s |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     ok = True
-    for fmt in MATMUL_FORMATS:
+    for fmt in FORMATS:
         for i, shape in enumerate(shapes):
             raw, meta, aux, nbytes = make(fmt, shape, seed=i, device=device)
             q = qformat_of(fmt)
@@ -358,7 +359,7 @@ def lora_check(device, shapes, rank=32):
           "speed-up |")
     print("|---|---|---|---:|---:|---:|---:|")
     ok = True
-    for fmt in FORMATS:
+    for fmt in (f for f in FORMATS if f != "fp8"):  # fp8 LoRA goes on the output (fp8 matmul) or two-step
         for i, shape in enumerate(shapes):
             raw, meta, aux, _ = make(fmt, shape, seed=i, device=device)
             q = qformat_of(fmt)
