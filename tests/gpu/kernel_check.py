@@ -207,9 +207,9 @@ def compile_check(device):
     ok = True
     shape = (3072, 3072)
     x = torch.randn(256, shape[1], device=device, dtype=torch.bfloat16)
-    for fmt in ("Q4_K", "Q8_0", "nf4", "nf4-nested"):
+    for fmt in ("Q4_K", "Q8_0", "nf4", "nf4-nested", "fp8"):
         raw, meta, aux, _ = make(fmt, shape, seed=0, device=device)
-        qformat = "nf4" if fmt.startswith("nf4") else "gguf"
+        qformat = qformat_of(fmt)
 
         def f(x, raw, aux):
             w = dequantize_raw(qformat, raw, meta, aux, shape, x.dtype)
