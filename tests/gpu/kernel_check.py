@@ -84,8 +84,9 @@ def make(fmt, shape, seed, device):
 
 
 def reference(fmt, raw, meta, aux, shape, dtype):
-    if fmt == "fp8":
-        return dequantize_raw("fp8", raw, meta, aux, shape, dtype)
+    if fmt == "fp8":  # the torch code itself (dequantize_raw would pick the kernel on CUDA)
+        from kontext_lowvram.optimizations.quant.fp8 import dequantize_fp8
+        return dequantize_fp8(raw, aux["scale"], dtype)
     if fmt.startswith("nf4"):
         from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
         return nf4q.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
