@@ -474,7 +474,7 @@ def run(args):
         configs.append(("ours", fmt, ours(fmt)))
         if fmt == "fp8_e4m3fn_scaled" and "upcast" in args.include:
             configs.append(("ours", fmt + " (upcast, no fp8 matmul)", ours(fmt, fp8_matmul=False)))
-        if "fused" in args.include and fmt != "fp8_e4m3fn_scaled":
+        if "fused" in args.include:
             configs.append(("ours", fmt + " (fused small-batch matmul)", ours(fmt), {FUSED_ENV: "1"}))
     if gguf_ops is not None:
         configs += [("ComfyUI-GGUF", fmt, gguf_node(fmt)) for fmt in args.gguf_formats]
