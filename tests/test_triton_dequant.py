@@ -97,9 +97,9 @@ def test_gguf_errors_and_fallbacks(triton):
     with pytest.raises(QuantDataError, match="not a multiple"):
         td.dequantize_gguf(raw, "Q4_K", (2, 100), torch.float32)
     # No kernel for the type or the dtype: the torch reference answers.
-    q2 = gq.random_blocks("Q2_K", (2, 256), seed=0)
-    assert torch.equal(td.dequantize_gguf(q2, "Q2_K", (2, 256), torch.bfloat16),
-                       gq.dequantize(q2, "Q2_K", (2, 256), torch.bfloat16))
+    iq = gq.random_blocks("IQ4_XS", (2, 256), seed=0)
+    assert torch.equal(td.dequantize_gguf(iq, "IQ4_XS", (2, 256), torch.bfloat16),
+                       gq.dequantize(iq, "IQ4_XS", (2, 256), torch.bfloat16))
     assert torch.equal(td.dequantize_gguf(raw, "Q4_K", (2, 256), torch.float64),
                        gq.dequantize(raw, "Q4_K", (2, 256), torch.float64))
 
@@ -240,8 +240,8 @@ def test_dispatch_chooses_triton_when_available(monkeypatch):
     dequantize_raw("gguf", raw, {"qtype": int(gq.Q.Q4_K)}, {}, (2, 256), torch.float32)  # type id works too
     assert calls == [("gguf", t, torch.bfloat16) for t in TYPES] + [("gguf", int(gq.Q.Q4_K), torch.float32)]
     calls.clear()
-    # no kernel: Q2_K, IQ4_XS, float types, float64 output
-    for qtype in ("Q2_K", "IQ4_XS", "Q5_0"):
+    # no kernel: the IQ4 types, float64 output
+    for qtype in ("IQ4_NL", "IQ4_XS"):
         raw = gq.random_blocks(qtype, (2, 256))
         assert torch.equal(dequantize_raw("gguf", raw, {"qtype": qtype}, {}, (2, 256), torch.bfloat16),
                            gq.dequantize(raw, qtype, (2, 256), torch.bfloat16))
@@ -264,7 +264,7 @@ def test_dispatch_chooses_triton_when_available(monkeypatch):
 def test_supports_gguf():
     assert all(td.supports_gguf(t, torch.bfloat16) for t in TYPES)
     assert td.supports_gguf(gq.Q.Q6_K, torch.float16) and td.supports_gguf(int(gq.Q.Q8_0), torch.float32)
-    assert not td.supports_gguf("Q2_K", torch.bfloat16)
+    assert not td.supports_gguf("IQ4_XS", torch.bfloat16)
     assert not td.supports_gguf("Q4_K", torch.float64)
     assert not td.supports_gguf("F16", torch.float16)
     assert not td.supports_gguf("nonsense", torch.float16)

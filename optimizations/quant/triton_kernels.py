@@ -141,6 +141,52 @@ def _q3_k(blk, m):
 
 
 @jit
+def _q4_1(blk, m):
+    # d[2] m[2] qs[16]; quants as Q4_0, value d * q + m
+    h = tl.arange(0, 2)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    q = ((tl.load(blk + 4 + k, mask=m, other=0).to(tl.int32) >> (h * 4)) & 0xF).to(tl.float32)
+    return _f16(blk, m) * q + _f16(blk + 2, m)
+
+
+@jit
+def _q5_bits(blk, qh_at, qs_at, m):
+    """Q5_0/Q5_1 quants [2, 16]: low nibbles as Q4_0 from qs, bit j of the little-endian uint32 qh is the 5th bit
+    of quant j = h*16 + k."""
+    h = tl.arange(0, 2)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    j = h * 16 + k
+    low = (tl.load(blk + qs_at + k, mask=m, other=0).to(tl.int32) >> (h * 4)) & 0xF
+    high = (tl.load(blk + qh_at + j // 8, mask=m, other=0).to(tl.int32) >> (j % 8)) & 1
+    return low | (high << 4)
+
+
+@jit
+def _q5_0(blk, m):
+    # d[2] qh[4] qs[16]; value d * (q - 16)
+    return _f16(blk, m) * (_q5_bits(blk, 2, 6, m).to(tl.float32) - 16.0)
+
+
+@jit
+def _q5_1(blk, m):
+    # d[2] m[2] qh[4] qs[16]; value d * q + m
+    return _f16(blk, m) * _q5_bits(blk, 4, 8, m).to(tl.float32) + _f16(blk + 2, m)
+
+
+@jit
+def _q2_k(blk, m):
+    # scales[16] qs[64] d[2] dmin[2]; quant s*32 + k (s = g*4 + p) is bits 2p of qs[g*32 + k]; sub-block of 16
+    # t = s*2 + k//16 has scale d * (scales[t] & 15) and min dmin * (scales[t] >> 4)
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    sc = tl.load(blk + s * 2 + k // 16, mask=m, other=0).to(tl.int32)
+    dl = _f16(blk + 80, m) * (sc & 0xF).to(tl.float32)
+    ml = _f16(blk + 82, m) * (sc >> 4).to(tl.float32)
+    q = ((tl.load(blk + 16 + (s // 4) * 32 + k, mask=m, other=0).to(tl.int32) >> ((s % 4) * 2)) & 3)
+    return dl * q.to(tl.float32) - ml
+
+
+@jit
 def _decode(blk, m, QT: tl.constexpr):
     """The decoder of quant type QT (ids and layouts: triton_dequant.GGUF_LAYOUT)."""
     if QT == 0:
@@ -153,8 +199,16 @@ def _decode(blk, m, QT: tl.constexpr):
         val = _q5_k(blk, m)
     elif QT == 4:
         val = _q6_k(blk, m)
-    else:
+    elif QT == 5:
         val = _q3_k(blk, m)
+    elif QT == 6:
+        val = _q4_1(blk, m)
+    elif QT == 7:
+        val = _q5_0(blk, m)
+    elif QT == 8:
+        val = _q5_1(blk, m)
+    else:
+        val = _q2_k(blk, m)
     return val
 
 

@@ -29,8 +29,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (output features per program, blocks along K per step, num_warps). 2048 weights per step: the most that
 # compiles without register spills for every type (ptxas for sm_90; tests/test_triton_compile.py checks it). Not
 # yet timed on a GPU.
-GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_K": (8, 1, 4), "Q5_K": (8, 1, 4),
-                      "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8)}
+GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_1": (8, 8, 4), "Q5_0": (8, 8, 4),
+                      "Q5_1": (8, 8, 4), "Q4_K": (8, 1, 4), "Q5_K": (8, 1, 4), "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8),
+                      "Q2_K": (8, 1, 4)}
 # nf4: (output features per program, 64-element absmax blocks along K per step, num_warps)
 NF4_MATMUL_CONFIG = (8, 4, 4)
 # fp8 (e4m3fn / e5m2, per-tensor scale): (output features per program, elements along K per step, num_warps)

@@ -1,6 +1,7 @@
 """GPU check for the fused Triton dequant kernels (run by hand on a CUDA machine; not collected by pytest).
 
-For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K, NF4 plain and double-quantized, scaled fp8) at the FLUX.1
+For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K/Q4_1/Q5_0/Q5_1/Q2_K, NF4 plain and
+double-quantized, scaled fp8) at the FLUX.1
 linear shapes it checks that the Triton result equals the torch reference exactly (bf16, fp16, fp32 outputs),
 times both (triton.testing.do_bench, bf16 output) and prints a markdown table with the bandwidth reached
 (raw bytes read + output bytes written, per second). Then it checks that torch.compile(fullgraph=True) of
@@ -50,7 +51,7 @@ FLUX_SHAPES = [
     (21504, 3072),   # single blocks: linear1 (qkv + mlp in)
     (3072, 15360),   # single blocks: linear2 (attn + mlp out)
 ]
-FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "nf4", "nf4-nested", "fp8"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "nf4", "nf4-nested", "fp8"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
