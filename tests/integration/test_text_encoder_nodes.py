@@ -14,7 +14,6 @@ import json
 import os
 import re
 
-import gguf
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,8 +24,8 @@ from kontext_lowvram.loaders.text_encoders import (clip_l_tensor_shapes, is_line
                                                    t5_tensor_shapes)
 from kontext_lowvram.loaders.writers import write_safetensors
 from kontext_lowvram.optimizations import quantize
+from t5_files import TINY_T5, write_llamacpp_t5
 
-TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2}
 CLIP_L_FILE = "klv_clip_l.safetensors"
 T5 = {"bf16": "klv_t5_tiny_bf16.safetensors", "q8_0": "klv_t5_tiny_q8_0.gguf", "q8_0_ref": "klv_t5_tiny_q8_0_ref_fp32.safetensors",
       "fp8": "klv_t5_tiny_fp8_scaled.safetensors", "fp8_ref": "klv_t5_tiny_fp8_scaled_ref_fp32.safetensors"}
@@ -89,29 +88,6 @@ class KLVTestSaveConditioning:
 NODE_CLASS_MAPPINGS = {"KLVTestCoreFluxTextEncoders": KLVTestCoreFluxTextEncoders,
                        "KLVTestSaveConditioning": KLVTestSaveConditioning}
 '''
-
-
-def write_llamacpp_t5(path, sd):
-    """A T5 GGUF as llama.cpp's converter names it (gguf-py's own map), 2-D weights Q8_0 -> the fp32 values it holds
-    (dequantized by gguf-py), in HF naming, for core's loader."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, TINY_T5["num_layers"])
-    w = gguf.GGUFWriter(str(path), arch="t5encoder")
-    ref = {}
-    for k, v in sd.items():
-        a = v.float().numpy()
-        name = names.get_name(k, try_suffixes=(".weight",))
-        if a.ndim == 2 and a.shape[1] % 32 == 0:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            ref[k] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape))
-        else:
-            w.add_tensor(name, a)
-            ref[k] = torch.from_numpy(a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return ref
 
 
 @pytest.fixture(scope="module")
