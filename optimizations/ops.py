@@ -62,11 +62,12 @@ def quantized_bytes(module) -> int:
 
 def fused_lora_weight(module, raw: torch.Tensor, low_rank, dtype: torch.dtype):
     """dequant(W) + Σ LoRA deltas in one kernel (triton_lora), or None where that path is off or cannot take it."""
-    if not (triton_lora.enabled() and triton_dequant.available(raw.device)):
+    rank = sum(d.down.shape[0] for d in low_rank)
+    if not (triton_lora.enabled() and triton_dequant.available(raw.device)
+            and triton_lora.supports(module.klv_qformat, module.klv_meta, module.klv_qshape, dtype, rank)):
         return None
-    factors = stacked_factors(low_rank, raw.device, dtype)
-    if factors is None or not triton_lora.supports(module.klv_qformat, module.klv_meta, module.klv_qshape, dtype,
-                                                   factors[0].shape[1]):
+    factors = stacked_factors(low_rank, raw.device, dtype)  # None for output-slice (offset) LoRAs
+    if factors is None:
         return None
     return triton_lora.dequantize_with_lora(raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
                                             module.klv_qshape, dtype, *factors)
