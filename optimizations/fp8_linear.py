@@ -3,14 +3,14 @@
 The activation is quantized with scale = amax(|x|) / 448 (dynamic, so large FLUX activations never saturate),
 the weight keeps its own per-tensor scale, and the product is written in the activation's dtype. On CUDA the
 amax and the quantization run as two Triton kernels (two passes over the activation instead of the five or six
-eager kernels `abs/amax/div/clamp/to` take, which would cost ~90 ms a FLUX step); without Triton the eager path
-computes the same values.
+eager kernels `abs/amax/div/clamp/to` take); without Triton the eager path computes the same values.
 
 `use_fp8_matmul` says when the fast path applies: an e4m3 weight, a GPU of compute capability >= 8.9 (Ada,
 Hopper, Blackwell; the CPU has `_scaled_mm` too, which the tests use through `fp8_linear`, but it is no faster
-there than upcasting, so the CPU never takes this path), dims that
-`_scaled_mm` accepts (K, N multiples of 16) and enough rows for the matmul to dominate (the modulation layers
-multiply a single vector: upcasting is cheaper there).
+there than upcasting, so the CPU never takes this path), dims that `_scaled_mm` accepts (K, N multiples of 16)
+and at least MIN_ROWS rows. The single-row modulation linears take the one-kernel fp8 dequantization (or the
+opt-in fused small-batch matmul) instead; whether `_scaled_mm` would beat those at 1-4 rows is not measured yet
+(tests/gpu/kernel_check.py times it).
 """
 import os
 
