@@ -405,6 +405,7 @@ def run(args):
     from .optimizations.ops import make_comfy_ops
     from .optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
     from .optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
+    from .optimizations.fp8_linear import ENV_ROWWISE
 
     dev = mm.get_torch_device()
     cfg = FLUX_DEV
@@ -474,6 +475,8 @@ def run(args):
         configs.append(("ours", fmt, ours(fmt)))
         if fmt == "fp8_e4m3fn_scaled" and "upcast" in args.include:
             configs.append(("ours", fmt + " (upcast, no fp8 matmul)", ours(fmt, fp8_matmul=False)))
+        if fmt == "fp8_e4m3fn_scaled" and "rowwise" in args.include:
+            configs.append(("ours", fmt + " (per-row activation scale)", ours(fmt), {ENV_ROWWISE: "1"}))
         if "fused" in args.include:
             configs.append(("ours", fmt + " (fused small-batch matmul)", ours(fmt), {FUSED_ENV: "1"}))
     if gguf_ops is not None:
@@ -602,7 +605,7 @@ def add_parser(sub):
     p.add_argument("--include", nargs="*", default=["core", "upcast"],
                    help="extra rows: core (its fp8), upcast (our fp8 without the fp8 matmul), fused (our formats with "
                         "the fused small-batch matmul, KLV_FUSED_MATMUL=1, and LoRA merged in the dequant kernel, "
-                        "KLV_FUSED_LORA=1)")
+                        "KLV_FUSED_LORA=1), rowwise (our fp8 with one activation scale per token, KLV_FP8_ROWWISE=1)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step per row: GPU time in quant kernels / matmul / attention / copies / "
                         "other, and idle gaps")

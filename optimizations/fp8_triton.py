@@ -1,46 +1,49 @@
-"""Triton kernels for per-tensor fp8 activation quantization (CUDA only; imported lazily; used where
-`quant.triton_dequant.available` says our Triton kernels run).
+"""Launchers for the fp8 activation-quantization kernels (device code in quant/triton_kernels.py; used where
+`quant.triton_dequant.available` says our Triton kernels run, and by the tests through the interpreter on CPU).
 
-Pass 1 reduces |x| to one float32 amax with an atomic max; pass 2 writes clamp(x / (amax / fmax)) in e4m3.
-The values equal `fp8_linear.quantize_activation_eager` (same float32 division, same clamp).
+Per tensor: pass 1 reduces |x| to one float32 amax with an atomic max; pass 2 writes clamp(x / (amax / fmax)).
+Per row: one program per row finds the row's amax and quantizes it, so HBM sees the activation once (the per-tensor
+scale needs the whole tensor read before the first value can be quantized, hence its two passes).
+Both give the values `fp8_linear.quantize_activation_eager` / `quantize_activation_rows_eager` give.
 """
-import functools
+import torch
+
+BLOCK = 4096      # elements per program, per-tensor kernels
+ROW_BLOCK = 2048  # elements per step along a row, per-row kernel
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def amax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0))
-
-    @triton.jit
-    def quant_kernel(x_ptr, out_ptr, amax_ptr, scale_ptr, n, fmax, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        scale = tl.maximum(tl.load(amax_ptr) / fmax, 1e-12)
-        if pid == 0:
-            tl.store(scale_ptr, scale)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -fmax, fmax)
-        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=offs < n)
-
-    return triton, amax_kernel, quant_kernel
+def _kernels(x):
+    from .quant import triton_dequant as td
+    interpret = x.device.type != "cuda"
+    return td, td._kernels(interpret), interpret
 
 
-def quantize_per_tensor(x2, fmax: float):
-    import torch
-    triton, amax_kernel, quant_kernel = _kernels()
+def _bytes(out, interpret):
+    """The interpreter writes e4m3 bytes itself (triton_kernels._e4m3_bits); the GPU converts in hardware."""
+    return out.view(torch.uint8) if interpret else out
+
+
+def quantize_per_tensor(x2: torch.Tensor, fmax: float, dtype=torch.float8_e4m3fn):
+    """(x2 / scale in `dtype`, float32 scale of shape ()), scale = max(amax / fmax, 1e-12). x2 contiguous."""
+    td, k, interpret = _kernels(x2)
     n = x2.numel()
     amax = torch.zeros((), device=x2.device, dtype=torch.float32)
     scale = torch.empty((), device=x2.device, dtype=torch.float32)
-    out = torch.empty(x2.shape, device=x2.device, dtype=torch.float8_e4m3fn)
-    block = 4096
-    grid = (triton.cdiv(n, block),)
-    amax_kernel[grid](x2, amax, n, BLOCK=block)
-    quant_kernel[grid](x2, out, amax, scale, n, fmax, BLOCK=block)
+    out = torch.empty(x2.shape, device=x2.device, dtype=dtype)
+    grid = (max(1, -(-n // BLOCK)),)
+    td._launch(k.act_amax, interpret, grid, x2, amax, n, BLOCK=BLOCK)
+    td._launch(k.act_quant_tensor, interpret, grid, x2, _bytes(out, interpret), amax, scale, n, fmax, BLOCK=BLOCK,
+               FP8_BITS=interpret)
+    return out, scale
+
+
+def quantize_per_row(x2: torch.Tensor, fmax: float, dtype=torch.float8_e4m3fn):
+    """(x2 / scale in `dtype`, float32 scales of shape (rows, 1)), one scale per row. x2 2-D and contiguous."""
+    td, k, interpret = _kernels(x2)
+    rows, cols = x2.shape
+    scale = torch.empty((rows, 1), device=x2.device, dtype=torch.float32)
+    out = torch.empty(x2.shape, device=x2.device, dtype=dtype)
+    if rows:
+        td._launch(k.act_quant_rows, interpret, (rows,), x2, _bytes(out, interpret), scale, cols, fmax,
+                   BLOCK=ROW_BLOCK, FP8_BITS=interpret, num_warps=4)
     return out, scale

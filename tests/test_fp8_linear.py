@@ -1,4 +1,5 @@
-"""Real fp8 matmul (`_scaled_mm` with dynamic per-tensor activation scale) vs an fp64 reference."""
+"""Real fp8 matmul (`_scaled_mm` with a dynamic per-tensor or per-row activation scale) vs an fp64 reference, and
+the Triton activation-quantization kernels (in Triton's interpreter) vs the eager torch code."""
 import pytest
 import torch
 
@@ -63,3 +64,90 @@ def test_quant_linear_takes_fp8_path_when_dispatch_allows(monkeypatch):
     layer.fp8_matmul = False
     layer(x)
     assert len(calls) == 1  # the option turns it off
+
+
+def test_rowwise_activation_quantization_scales_each_row_by_its_absmax():
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(2)) * torch.logspace(-2, 3, 8)[:, None]
+    x[3] = 0  # an all-zero row (padding tokens) gets the floor scale, not a division by zero
+    xq, scale = fl.quantize_activation_rows_eager(x)
+    assert xq.dtype == torch.float8_e4m3fn and scale.shape == (8, 1)
+    want = (x.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
+    assert torch.allclose(scale, want, rtol=1e-6, atol=0)
+    back = xq.float() * scale
+    assert torch.equal(back[3], torch.zeros(128))
+    # every row uses the whole e4m3 range: relative error <= 2^-4 per element (plus the subnormal floor)
+    assert ((back - x).abs() <= x.abs() / 16 + scale * 2 ** -9).all()
+
+
+def _rows_of_different_magnitude(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    # Tokens whose magnitudes span 10^6 (an outlier token among ordinary ones): under one scale the small ones fall
+    # into e4m3's subnormal range (below 2^-6 of the scale), per row each keeps its 3 mantissa bits.
+    x = (torch.randn(2, 40, 256, generator=g) * torch.logspace(-2, 4, 40)[None, :, None]).to(torch.bfloat16)
+    return w, x
+
+
+def test_rowwise_fp8_linear_matches_fp64_reference_and_beats_per_tensor_scaling():
+    w, x = _rows_of_different_magnitude(3)
+    b = torch.randn(96, generator=torch.Generator().manual_seed(4)) * 0.01
+    qw = quantize(w, "fp8_e4m3fn_scaled")
+    ref = x.double() @ dequantize(qw, torch.float64).T + b.double()
+    out_row = fl.fp8_linear(x, qw.raw, qw.aux["scale"], b.to(torch.bfloat16), rowwise=True)
+    out_tensor = fl.fp8_linear(x, qw.raw, qw.aux["scale"], b.to(torch.bfloat16), rowwise=False)
+    assert out_row.dtype == torch.bfloat16 and out_row.shape == (2, 40, 96)
+
+    def row_rel(out):  # error of each token's output relative to that token's output
+        return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).flatten()
+
+    err_row, err_tensor = row_rel(out_row), row_rel(out_tensor)
+    assert err_row.max() < 0.04, err_row.max()  # every token at e4m3 precision
+    assert err_tensor[:10].mean() > 4 * err_row[:10].mean(), (err_tensor[:10].mean(), err_row[:10].mean())
+
+
+def test_rowwise_is_opt_in_and_bf16_only(monkeypatch):
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    monkeypatch.delenv(fl.ENV_ROWWISE, raising=False)
+    assert not fl.rowwise_enabled(x)
+    monkeypatch.setenv(fl.ENV_ROWWISE, "1")
+    assert fl.rowwise_enabled(x)
+    assert not fl.rowwise_enabled(x.half())  # the row-wise _scaled_mm writes bf16 only
+    calls = []
+    real = fl.quantize_activation
+    monkeypatch.setattr(fl, "quantize_activation", lambda x2, rowwise=False: calls.append(rowwise) or real(x2, rowwise))
+    w, xb = _rows_of_different_magnitude(5)
+    qw = quantize(w, "fp8_e4m3fn_scaled")
+    fl.fp8_linear(xb, qw.raw, qw.aux["scale"])
+    fl.fp8_linear(xb.half(), qw.raw, qw.aux["scale"])
+    assert calls == [True, False]
+
+
+def _e4m3_edge_values():
+    """Every e4m3 value, the midpoints between neighbours (ties, rounded to even), and just either side of them."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, no NaN
+    mid = (codes[1:] + codes[:-1]) / 2
+    vals = torch.cat([codes, mid, torch.nextafter(mid, codes[1:]), torch.nextafter(mid, codes[:-1])])
+    return torch.cat([vals, -vals])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_activation_kernels_equal_the_eager_code(dtype):
+    pytest.importorskip("triton", reason="the Triton kernel tests need the `triton` package (pip install triton); "
+                                         "they run in its interpreter, no GPU needed")
+    from kontext_lowvram.optimizations import fp8_triton
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(21, 3000, generator=g) * torch.logspace(-4, 4, 21)[:, None]  # rows longer than a row step
+    x[4] = 0
+    x[5, :5] = torch.tensor([1e-30, -0.0, 0.0, 3.0, -7.0])
+    x = x.to(dtype)
+    for rowwise in (False, True):
+        got, got_scale = (fp8_triton.quantize_per_row if rowwise else fp8_triton.quantize_per_tensor)(x, 448.0)
+        want, want_scale = (fl.quantize_activation_rows_eager if rowwise else fl.quantize_activation_eager)(x)
+        assert got.dtype == torch.float8_e4m3fn and got_scale.shape == want_scale.shape
+        assert torch.equal(got_scale, want_scale)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    # the rounding itself, at every tie and either side of it: one tensor whose amax is 448 (scale exactly 1)
+    edges = _e4m3_edge_values()[None]
+    got, scale = fp8_triton.quantize_per_tensor(edges, 448.0)
+    assert scale.item() == 1.0
+    assert torch.equal(got.view(torch.uint8), edges.to(torch.float8_e4m3fn).view(torch.uint8))

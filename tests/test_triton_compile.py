@@ -145,10 +145,11 @@ def test_fp8_small_matmul_compiles(kernels, arch):
 
 
 @pytest.mark.parametrize("arch", [89, 90])
-def test_fp8_activation_kernels_compile(arch):
+def test_fp8_activation_kernels_compile(arch, kernels):
     from kontext_lowvram.optimizations import fp8_triton
-    _, amax_kernel, quant_kernel = fp8_triton._kernels()
     for dtype in (torch.bfloat16, torch.float16):
-        _check(_compile(amax_kernel, [PTR[dtype], "*fp32", "i32"], dict(BLOCK=4096), arch, 4))
-        _check(_compile(quant_kernel, [PTR[dtype], "*fp8e4nv", "*fp32", "*fp32", "i32", "fp32"], dict(BLOCK=4096),
-                        arch, 4))
+        _check(_compile(kernels.act_amax, [PTR[dtype], "*fp32", "i32"], dict(BLOCK=fp8_triton.BLOCK), arch, 4))
+        _check(_compile(kernels.act_quant_tensor, [PTR[dtype], "*fp8e4nv", "*fp32", "*fp32", "i32", "fp32"],
+                        dict(BLOCK=fp8_triton.BLOCK, FP8_BITS=False), arch, 4))
+    _check(_compile(kernels.act_quant_rows, [PTR[torch.bfloat16], "*fp8e4nv", "*fp32", "i32", "fp32"],
+                    dict(BLOCK=fp8_triton.ROW_BLOCK, FP8_BITS=False), arch, 4))

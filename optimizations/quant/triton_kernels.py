@@ -391,6 +391,82 @@ def matmul_fp8(x, w, scale, bias, out, N, K, stride_x, stride_o, BN: tl.constexp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fp8 activation quantization for the fp8 tensor-core matmul (fp8_linear): q = clamp(x / scale) in e4m3 with
+# scale = max(amax / fmax, 1e-12). Divisions are IEEE (div_rn): Triton's `/` on float32 is the approximate
+# div.full.f32, which would make the scale and the values differ from the eager torch code by an ulp.
+
+@jit
+def _amax(x, AXIS: tl.constexpr):
+    return tl.reduce(tl.abs(x), AXIS, tl.standard._elementwise_max)
+
+
+@jit
+def _e4m3_bits(v):
+    """float32 in [-448, 448] (or NaN) -> its e4m3fn byte, rounded to nearest even, by integer arithmetic. For the
+    interpreter only (FP8_BITS): its own float32 -> fp8 cast drops a value that rounds up across a power of two
+    to half (125.9 -> 64); on the GPU the hardware conversion (cvt.rn.satfinite) is exact and cheaper."""
+    bits = v.to(tl.uint32, bitcast=True)
+    a = tl.abs(v)
+    ab = a.to(tl.uint32, bitcast=True)
+    # normal range (a >= 2^-6): round the float32 mantissa to 3 bits; a carry runs into the exponent
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - 960  # 960 = (127 - 7) << 3: rebias the exponent
+    # subnormal range: multiples of 2^-9, ties to even (8 * 2^-9 is the smallest normal, code 8: seamless)
+    f = a * 512.0
+    fl = tl.floor(f)
+    fi = fl.to(tl.uint32)
+    up = (f - fl > 0.5) | ((f - fl == 0.5) & ((fi & 1) == 1))
+    code = tl.where(a < 0.015625, fi + up.to(tl.uint32), normal)
+    code = tl.where(v != v, 0x7F, code)
+    return (((bits >> 24) & 0x80) | code).to(tl.uint8)
+
+
+@jit
+def _store_e4m3(ptr, v, m, FP8_BITS: tl.constexpr):
+    if FP8_BITS:  # ptr is the output viewed as uint8
+        tl.store(ptr, _e4m3_bits(v), mask=m)
+    else:
+        tl.store(ptr, v.to(ptr.dtype.element_ty), mask=m)
+
+
+@jit
+def act_amax(x, amax, n, BLOCK: tl.constexpr):
+    # per-tensor pass 1: amax(|x|) into one float32 (atomic max; every value is >= 0)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.atomic_max(amax, _amax(v, 0))
+
+
+@jit
+def act_quant_tensor(x, out, amax, scale, n, fmax, BLOCK: tl.constexpr, FP8_BITS: tl.constexpr):
+    # per-tensor pass 2: one scale for the whole activation
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.maximum(tl.math.div_rn(tl.load(amax), fmax), 1e-12)
+    if pid == 0:
+        tl.store(scale, s)
+    v = tl.load(x + offs, mask=offs < n, other=0.0).to(tl.float32)
+    _store_e4m3(out + offs, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), offs < n, FP8_BITS)
+
+
+@jit
+def act_quant_rows(x, out, scale, K, fmax, BLOCK: tl.constexpr, FP8_BITS: tl.constexpr):
+    # one scale per row (token), in one pass over memory: a program owns a row, finds its amax, then quantizes it
+    # (the second read of a row of at most a few tens of KB comes from cache, not HBM)
+    row = tl.program_id(0).to(tl.int64)
+    base = row * K
+    m = tl.full([BLOCK], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.abs(tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)))
+    s = tl.maximum(tl.math.div_rn(_amax(m, 0), fmax), 1e-12)
+    tl.store(scale + row, s)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)
+        _store_e4m3(out + base + k, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), k < K, FP8_BITS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # dequantization with LoRA merged: out = dequant(W) + U·D in one pass over the weight (U: N×R, scaled; D: R×K).
 #
 # Merging after dequantizing (addmm into the bf16 weight) reads and writes the whole weight once more; here the
