@@ -52,13 +52,16 @@ GGUF_LAYOUT = {
     "Q5_0": (7, 32, 22, 2, 16),
     "Q5_1": (8, 32, 24, 2, 16),
     "Q2_K": (9, 256, 84, 8, 32),
+    "IQ4_NL": (10, 32, 18, 2, 16),
+    "IQ4_XS": (11, 256, 136, 8, 32),
 }
 SUPPORTED = frozenset(GGUF_LAYOUT)
 # qtype -> (blocks per program, num_warps) of the dequant kernel. Picked with tests/gpu/kernel_check.py --sweep on
 # an H100 (timings there vary run to run; most tiles of 1-4K elements are close).
 GGUF_CONFIG = {"Q8_0": (64, 4), "Q4_0": (64, 4), "Q4_K": (8, 4), "Q5_K": (8, 4), "Q6_K": (8, 4), "Q3_K": (4, 2),
                # not swept on a GPU: the tile of the same-shaped type above
-               "Q4_1": (64, 4), "Q5_0": (64, 4), "Q5_1": (64, 4), "Q2_K": (8, 4)}
+               "Q4_1": (64, 4), "Q5_0": (64, 4), "Q5_1": (64, 4), "Q2_K": (8, 4), "IQ4_NL": (64, 4),
+               "IQ4_XS": (8, 4)}
 # fp8: (elements per program, num_warps); an elementwise pass, not tuned on a GPU yet
 FP8_CONFIG = (2048, 4)
 # nested (double-quantized absmax) -> (elements per program: whole absmax blocks, at least one; num_warps)

@@ -187,6 +187,38 @@ def _q2_k(blk, m):
 
 
 @jit
+def _iq4_value(q):
+    """kvalues_iq4nl[q] (gguf.IQ4NL_KVALUES: -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113) for 4-bit
+    indices q, as float32: the sixteen int8 values packed four per int32 word, no table in memory."""
+    word = tl.where(q < 4, -1079142271, tl.where(q < 8, -152379953, tl.where(q < 12, 639175937, 1901675829)))
+    v = (word >> ((q & 3) * 8)) & 0xFF
+    return tl.where(v >= 128, v - 256, v).to(tl.float32)
+
+
+@jit
+def _iq4_nl(blk, m):
+    # d[2] qs[16]; as Q4_0 (low nibbles are quants 0-15, high nibbles 16-31), each nibble an index into kvalues
+    h = tl.arange(0, 2)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    byte = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int32)
+    return _f16(blk, m) * _iq4_value((byte >> (h * 4)) & 0xF)
+
+
+@jit
+def _iq4_xs(blk, m):
+    # d[2] scales_h[2] scales_l[4] qs[128]; sub-block s (32 quants) has the 6-bit scale
+    # (nibble s%2 of scales_l[s//2]) | (bits 2s of the uint16 scales_h) << 4, minus 32, and its quants in
+    # qs[16s .. 16s+15] (low nibbles first, as IQ4_NL)
+    s = tl.arange(0, 8)[:, None]
+    k = tl.arange(0, 32)[None, :]
+    low = (tl.load(blk + 4 + s // 2, mask=m, other=0).to(tl.int32) >> ((s % 2) * 4)) & 0xF
+    sh = tl.load(blk + 2, mask=m, other=0).to(tl.int32) | (tl.load(blk + 3, mask=m, other=0).to(tl.int32) << 8)
+    dl = _f16(blk, m) * ((low | (((sh >> (s * 2)) & 3) << 4)) - 32).to(tl.float32)
+    byte = tl.load(blk + 8 + s * 16 + k % 16, mask=m, other=0).to(tl.int32)
+    return dl * _iq4_value((byte >> ((k // 16) * 4)) & 0xF)
+
+
+@jit
 def _decode(blk, m, QT: tl.constexpr):
     """The decoder of quant type QT (ids and layouts: triton_dequant.GGUF_LAYOUT)."""
     if QT == 0:
@@ -207,8 +239,12 @@ def _decode(blk, m, QT: tl.constexpr):
         val = _q5_0(blk, m)
     elif QT == 8:
         val = _q5_1(blk, m)
-    else:
+    elif QT == 9:
         val = _q2_k(blk, m)
+    elif QT == 10:
+        val = _iq4_nl(blk, m)
+    else:
+        val = _iq4_xs(blk, m)
     return val
 
 

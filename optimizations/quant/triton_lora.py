@@ -25,7 +25,7 @@ MAX_RANK = 1024  # total rank of the LoRAs merged into one weight (the kernel wa
 # (tests/test_triton_compile.py). Not yet timed on a GPU.
 GGUF_LORA_CONFIG = {"Q8_0": (16, 8, 4), "Q4_0": (16, 8, 4), "Q4_1": (16, 8, 4), "Q5_0": (16, 8, 4),
                     "Q5_1": (16, 8, 4), "Q4_K": (16, 1, 4), "Q5_K": (16, 1, 4), "Q6_K": (16, 1, 4), "Q3_K": (16, 1, 8),
-                    "Q2_K": (16, 1, 4)}
+                    "Q2_K": (16, 1, 4), "IQ4_NL": (16, 8, 4), "IQ4_XS": (16, 1, 4)}
 NF4_LORA_CONFIG = (16, 2, 4)  # rows, 64-element absmax blocks along K, num_warps
 INTERPRET_ROWS = 64
 

@@ -31,7 +31,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # yet timed on a GPU.
 GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_1": (8, 8, 4), "Q5_0": (8, 8, 4),
                       "Q5_1": (8, 8, 4), "Q4_K": (8, 1, 4), "Q5_K": (8, 1, 4), "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8),
-                      "Q2_K": (8, 1, 4)}
+                      "Q2_K": (8, 1, 4), "IQ4_NL": (8, 8, 4), "IQ4_XS": (8, 1, 4)}
 # nf4: (output features per program, 64-element absmax blocks along K per step, num_warps)
 NF4_MATMUL_CONFIG = (8, 4, 4)
 # fp8 (e4m3fn / e5m2, per-tensor scale): (output features per program, elements along K per step, num_warps)
