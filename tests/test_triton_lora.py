@@ -64,7 +64,8 @@ def test_nf4_lora_merge(triton, nested, blocksize):
 
 def test_supports_rules():
     assert tlr.supports("gguf", {"qtype": "Q4_K"}, (8, 256), torch.bfloat16, 32)
-    assert not tlr.supports("gguf", {"qtype": "IQ4_NL"}, (8, 256), torch.bfloat16, 32)
+    assert tlr.supports("gguf", {"qtype": "IQ4_NL"}, (8, 256), torch.bfloat16, 32)
+    assert not tlr.supports("gguf", {"qtype": "F16"}, (8, 256), torch.bfloat16, 32)  # no kernel for the type
     assert not tlr.supports("gguf", {"qtype": "Q4_K"}, (8, 256), torch.float64, 32)
     assert not tlr.supports("gguf", {"qtype": "Q4_K"}, (8, 256), torch.bfloat16, tlr.MAX_RANK + 1)
     assert not tlr.supports("fp8", {}, (8, 256), torch.bfloat16, 4)

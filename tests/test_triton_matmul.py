@@ -84,7 +84,7 @@ def test_supports_rules():
     assert tm.supports("gguf", {"qtype": int(gq.Q.Q6_K)}, (8, 256), torch.zeros(tm.MAX_ROWS, 256))
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 256), torch.zeros(tm.MAX_ROWS + 1, 256))  # many rows
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 256), torch.zeros(0, 256))
-    assert not tm.supports("gguf", {"qtype": "IQ4_NL"}, (8, 256), x1)                  # no kernel for the type
+    assert not tm.supports("gguf", {"qtype": "F16"}, (8, 256), x1)                     # no kernel for the type
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 256), x1.double())         # dtype
     assert not tm.supports("gguf", {"qtype": "Q8_0"}, (8, 128), x1)                  # K mismatch
     assert tm.supports("fp8", {}, (8, 96), torch.zeros(1, 96))                      # fp8: any K
