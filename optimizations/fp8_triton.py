@@ -2,14 +2,17 @@
 `quant.triton_dequant.available` says our Triton kernels run, and by the tests through the interpreter on CPU).
 
 Per tensor: pass 1 reduces |x| to one float32 amax with an atomic max; pass 2 writes clamp(x / (amax / fmax)).
-Per row: one program per row finds the row's amax and quantizes it, so HBM sees the activation once (the per-tensor
-scale needs the whole tensor read before the first value can be quantized, hence its two passes).
+Per row: one program per row loads the row once, finds its amax and quantizes it, so HBM sees the activation once
+(the per-tensor scale needs the whole tensor read before the first value can be quantized, hence its two passes).
 Both give the values `fp8_linear.quantize_activation_eager` / `quantize_activation_rows_eager` give.
 """
 import torch
 
 BLOCK = 4096      # elements per program, per-tensor kernels
-ROW_BLOCK = 2048  # elements per step along a row, per-row kernel
+# per-row kernel: rows of up to WHOLE_ROW_MAX elements (every FLUX linear input: 3072, 12288, 15360) are held in
+# registers, 32 values per thread; longer rows are swept twice in steps of ROW_BLOCK
+WHOLE_ROW_MAX = 16384
+ROW_BLOCK = 2048
 
 
 def _kernels(x):
@@ -37,6 +40,14 @@ def quantize_per_tensor(x2: torch.Tensor, fmax: float, dtype=torch.float8_e4m3fn
     return out, scale
 
 
+def row_tile(cols: int):
+    """(BLOCK, WHOLE_ROW, num_warps) of the per-row kernel for rows of `cols` elements."""
+    if cols <= WHOLE_ROW_MAX:
+        block = max(1024, 1 << (cols - 1).bit_length())
+        return block, True, max(1, block // 1024)
+    return ROW_BLOCK, False, 4
+
+
 def quantize_per_row(x2: torch.Tensor, fmax: float, dtype=torch.float8_e4m3fn):
     """(x2 / scale in `dtype`, float32 scales of shape (rows, 1)), one scale per row. x2 2-D and contiguous."""
     td, k, interpret = _kernels(x2)
@@ -44,6 +55,7 @@ def quantize_per_row(x2: torch.Tensor, fmax: float, dtype=torch.float8_e4m3fn):
     scale = torch.empty((rows, 1), device=x2.device, dtype=torch.float32)
     out = torch.empty(x2.shape, device=x2.device, dtype=dtype)
     if rows:
+        block, whole, warps = row_tile(cols)
         td._launch(k.act_quant_rows, interpret, (rows,), x2, _bytes(out, interpret), scale, cols, fmax,
-                   BLOCK=ROW_BLOCK, FP8_BITS=interpret, num_warps=4)
+                   BLOCK=block, WHOLE_ROW=whole, FP8_BITS=interpret, num_warps=warps)
     return out, scale

@@ -130,11 +130,15 @@ def _e4m3_edge_values():
     return torch.cat([vals, -vals])
 
 
+@pytest.mark.parametrize("whole_row_max", [16384, 1024])  # rows held in registers / rows swept twice
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_activation_kernels_equal_the_eager_code(dtype):
+def test_triton_activation_kernels_equal_the_eager_code(dtype, whole_row_max, monkeypatch):
     pytest.importorskip("triton", reason="the Triton kernel tests need the `triton` package (pip install triton); "
                                          "they run in its interpreter, no GPU needed")
     from kontext_lowvram.optimizations import fp8_triton
+    monkeypatch.setattr(fp8_triton, "WHOLE_ROW_MAX", whole_row_max)
+    monkeypatch.setattr(fp8_triton, "ROW_BLOCK", 512)
+    assert fp8_triton.row_tile(3000)[1] == (whole_row_max >= 3000)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(21, 3000, generator=g) * torch.logspace(-4, 4, 21)[:, None]  # rows longer than a row step
     x[4] = 0

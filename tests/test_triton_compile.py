@@ -151,5 +151,7 @@ def test_fp8_activation_kernels_compile(arch, kernels):
         _check(_compile(kernels.act_amax, [PTR[dtype], "*fp32", "i32"], dict(BLOCK=fp8_triton.BLOCK), arch, 4))
         _check(_compile(kernels.act_quant_tensor, [PTR[dtype], "*fp8e4nv", "*fp32", "*fp32", "i32", "fp32"],
                         dict(BLOCK=fp8_triton.BLOCK, FP8_BITS=False), arch, 4))
-    _check(_compile(kernels.act_quant_rows, [PTR[torch.bfloat16], "*fp8e4nv", "*fp32", "i32", "fp32"],
-                    dict(BLOCK=fp8_triton.ROW_BLOCK, FP8_BITS=False), arch, 4))
+    for cols in (3072, 15360, fp8_triton.WHOLE_ROW_MAX + 1):  # FLUX's linear inputs, and a row too long to hold
+        block, whole, warps = fp8_triton.row_tile(cols)
+        _check(_compile(kernels.act_quant_rows, [PTR[torch.bfloat16], "*fp8e4nv", "*fp32", "i32", "fp32"],
+                        dict(BLOCK=block, WHOLE_ROW=whole, FP8_BITS=False), arch, warps))

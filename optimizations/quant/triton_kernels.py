@@ -485,21 +485,29 @@ def act_quant_tensor(x, out, amax, scale, n, fmax, BLOCK: tl.constexpr, FP8_BITS
 
 
 @jit
-def act_quant_rows(x, out, scale, K, fmax, BLOCK: tl.constexpr, FP8_BITS: tl.constexpr):
-    # one scale per row (token), in one pass over memory: a program owns a row, finds its amax, then quantizes it
-    # (the second read of a row of at most a few tens of KB comes from cache, not HBM)
+def act_quant_rows(x, out, scale, K, fmax, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, FP8_BITS: tl.constexpr):
+    # one scale per row (token), one program per row. WHOLE_ROW (BLOCK >= K): the row is loaded once and held in
+    # registers while its amax is found, so HBM sees it once. Longer rows: a first sweep finds the amax, a second
+    # quantizes (the row is read twice, the second time mostly from cache).
     row = tl.program_id(0).to(tl.int64)
     base = row * K
-    m = tl.full([BLOCK], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.abs(tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)))
-    s = tl.maximum(tl.math.div_rn(_amax(m, 0), fmax), 1e-12)
-    tl.store(scale + row, s)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
+    if WHOLE_ROW:
+        k = tl.arange(0, BLOCK)
         v = tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.math.div_rn(_amax(v, 0), fmax), 1e-12)
+        tl.store(scale + row, s)
         _store_e4m3(out + base + k, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), k < K, FP8_BITS)
+    else:
+        m = tl.full([BLOCK], 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            m = tl.maximum(m, tl.abs(tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)))
+        s = tl.maximum(tl.math.div_rn(_amax(m, 0), fmax), 1e-12)
+        tl.store(scale + row, s)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)
+            _store_e4m3(out + base + k, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), k < K, FP8_BITS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
