@@ -1,6 +1,6 @@
 """GPU check for the fused Triton dequant kernels (run by hand on a CUDA machine; not collected by pytest).
 
-For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K/Q4_1/Q5_0/Q5_1/Q2_K, NF4 plain and
+For every Triton-backed format (GGUF Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/Q3_K/Q4_1/Q5_0/Q5_1/Q2_K/IQ4_NL/IQ4_XS, NF4 plain and
 double-quantized, scaled fp8) at the FLUX.1
 linear shapes it checks that the Triton result equals the torch reference exactly (bf16, fp16, fp32 outputs),
 times both (triton.testing.do_bench, bf16 output) and prints a markdown table with the bandwidth reached
@@ -8,7 +8,9 @@ times both (triton.testing.do_bench, bf16 output) and prints a markdown table wi
 dequant + matmul goes through `dequantize_raw` without a graph break and matches eager, and counts the kernels one
 weight costs on each path. Last, the fused small-batch matmul (triton_matmul, 1 and 4 activation rows): error vs
 an fp64 matmul, and time against dequantize + F.linear (our default path) and a dense bf16 F.linear (core bf16);
-and the one-pass LoRA merge (triton_lora, rank 32) against dequantize + addmm. Everything goes to stdout; about a minute on an H100.
+and the one-pass LoRA merge (triton_lora, rank 32) against dequantize + addmm; on fp8 GPUs the fp8 linear at the
+Kontext token count with per-tensor vs per-row activation scales (fp8_linear). Everything goes to stdout; about
+a minute on an H100.
 
   python tests/gpu/kernel_check.py               # exactness + timings + torch.compile
   python tests/gpu/kernel_check.py --sweep       # also time other tile sizes (blocks per program x warps)
@@ -51,7 +53,8 @@ FLUX_SHAPES = [
     (21504, 3072),   # single blocks: linear1 (qkv + mlp in)
     (3072, 15360),   # single blocks: linear2 (attn + mlp out)
 ]
-FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "nf4", "nf4-nested", "fp8"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "IQ4_NL", "IQ4_XS", "nf4",
+           "nf4-nested", "fp8"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -104,8 +107,15 @@ def fused(fmt, raw, meta, aux, shape, dtype):
 
 
 def bench(fn):
+    if SMOKE:  # one call, wall clock: the numbers mean nothing, the code path is what runs
+        t0 = time.perf_counter()
+        fn()
+        return max(time.perf_counter() - t0, 1e-9)
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100) * 1e-3  # seconds
+
+
+SMOKE = False  # --cpu-smoke: every check on tiny shapes on the CPU (kernels in Triton's interpreter)
 
 
 def check_and_time(shapes, device):
@@ -224,6 +234,8 @@ def compile_check(device):
             ok = False
             print(f"- {fmt}: FAILED {type(e).__name__}: " + " | ".join(str(e).strip().splitlines()[:6]))
     ok &= compile_fused(device, shape)
+    if torch.cuda.get_device_capability(device) >= (8, 9):
+        ok &= compile_fp8_linear(device, shape)
     print(f"\nCOMPILE OK: {ok}")
     return ok
 
@@ -254,6 +266,32 @@ def compile_fused(device, shape):
                 good = False
                 print(f"- {fmt} {name}: FAILED {type(e).__name__}: " + " | ".join(str(e).strip().splitlines()[:4]))
             ok &= good
+    return ok
+
+
+def compile_fp8_linear(device, shape, rows=256):
+    """fp8_linear (Triton activation quantization + _scaled_mm), per tensor and per row, under Inductor."""
+    from kontext_lowvram.optimizations import fp8_linear as fl
+    from kontext_lowvram.optimizations.quant.fp8 import quantize_fp8
+    ok = True
+    w, w_scale = quantize_fp8(torch.randn(shape, device=device) * 0.02)
+    x = torch.randn(rows, shape[1], device=device, dtype=torch.bfloat16)
+    for rowwise in (False, True):
+        def f(x, w, w_scale):
+            return fl.fp8_linear(x, w, w_scale, rowwise=rowwise)
+        torch._dynamo.reset()
+        try:
+            explain = torch._dynamo.explain(f)(x, w, w_scale)
+            eager = f(x, w, w_scale).float()
+            diff = (torch.compile(f, fullgraph=True)(x, w, w_scale).float() - eager).abs().max().item()
+            good = explain.graph_break_count == 0 and diff <= 1e-2 * eager.abs().max().item()
+            print(f"- fp8 linear ({'per row' if rowwise else 'per tensor'}): graph breaks "
+                  f"{explain.graph_break_count}, |compiled - eager| {diff:.3g}")
+        except Exception as e:
+            good = False
+            print(f"- fp8 linear ({'per row' if rowwise else 'per tensor'}): FAILED {type(e).__name__}: " +
+                  " | ".join(str(e).strip().splitlines()[:4]))
+        ok &= good
     return ok
 
 
@@ -336,7 +374,7 @@ def matmul_sweep(fmt, raw, meta, aux, shape, device):
     results = []
     try:
         for bn in (4, 8, 16, 32):
-            for kb in ((1, 2, 4) if fmt[-1] == "K" else (2, 4, 8, 16)):
+            for kb in ((1, 2, 4) if q != "nf4" and td.GGUF_LAYOUT[fmt][1] == 256 else (2, 4, 8, 16)):
                 for w in (2, 4, 8):
                     if q == "nf4":
                         tm.NF4_MATMUL_CONFIG = (bn, kb, w)
@@ -388,29 +426,91 @@ def lora_check(device, shapes, rank=32):
     return ok
 
 
+def fp8_linear_check(device, shapes, tokens=8704):
+    """Our fp8 tensor-core linear at the Kontext token count: activation quantization per tensor (two passes) vs
+    per row (one pass, row-wise _scaled_mm), each kernel exact against the eager code, error vs an fp32 matmul of
+    the same fp8 weight, and time against a dense bf16 linear (core bf16) and the per-tensor path."""
+    from kontext_lowvram.optimizations import fp8_linear as fl
+    from kontext_lowvram.optimizations import fp8_triton
+    from kontext_lowvram.optimizations.quant.fp8 import quantize_fp8
+    print(f"\n## fp8 linear, {tokens} tokens (bf16 activations), µs\n")
+    print("| shape | quant exact tensor/row | rel. err tensor / row | bf16 linear | fp8 per tensor | fp8 per row | "
+          "row vs tensor | quant tensor / row | scaled_mm tensor / row |")
+    print("|---|---|---|---:|---:|---:|---:|---|---|")
+    ok = True
+    for i, (n, k) in enumerate(shapes):
+        g = torch.Generator(device=device).manual_seed(i)
+        w, w_scale = quantize_fp8(torch.randn(n, k, device=device, generator=g) * 0.02)
+        dense = (w.float() * w_scale).to(torch.bfloat16)
+        x = torch.randn(tokens, k, device=device, generator=g)
+        x[::97] *= 300  # outlier tokens, as FLUX has
+        x = x.to(torch.bfloat16)
+        exact = []
+        for rows in (False, True):
+            got = (fp8_triton.quantize_per_row if rows else fp8_triton.quantize_per_tensor)(x, fl.E4M3_MAX)
+            want = (fl.quantize_activation_rows_eager if rows else fl.quantize_activation_eager)(x)
+            same = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+            ok &= same
+            exact.append("✓" if same else "✗")
+        ref = x.float() @ dense.float().T
+        errs = []
+        for rows in (False, True):
+            y = fl.fp8_linear(x, w, w_scale, rowwise=rows).float()
+            errs.append(((y - ref).norm() / ref.norm()).item())
+        t_bf16 = bench(lambda: torch.nn.functional.linear(x, dense))
+        t_t = bench(lambda: fl.fp8_linear(x, w, w_scale, rowwise=False))
+        t_r = bench(lambda: fl.fp8_linear(x, w, w_scale, rowwise=True))
+        q_t = bench(lambda: fp8_triton.quantize_per_tensor(x, fl.E4M3_MAX))
+        q_r = bench(lambda: fp8_triton.quantize_per_row(x, fl.E4M3_MAX))
+        xq_t, s_t = fp8_triton.quantize_per_tensor(x, fl.E4M3_MAX)
+        xq_r, s_r = fp8_triton.quantize_per_row(x, fl.E4M3_MAX)
+        ws_row = w_scale.float().reshape(()).expand(1, n).contiguous()
+        m_t = bench(lambda: torch._scaled_mm(xq_t, w.t(), scale_a=s_t, scale_b=w_scale.float().reshape(()),
+                                             out_dtype=torch.bfloat16))
+        m_r = bench(lambda: torch._scaled_mm(xq_r, w.t(), scale_a=s_r, scale_b=ws_row, out_dtype=torch.bfloat16))
+        print(f"| {n}x{k} | {'/'.join(exact)} | {errs[0]:.1e} / {errs[1]:.1e} | {t_bf16 * 1e6:.0f} | "
+              f"{t_t * 1e6:.0f} | {t_r * 1e6:.0f} | {t_t / t_r:.2f}x | {q_t * 1e6:.0f} / {q_r * 1e6:.0f} | "
+              f"{m_t * 1e6:.0f} / {m_r * 1e6:.0f} |", flush=True)
+        del w, dense, x, ref, xq_t, xq_r
+    print(f"\nFP8 ACTIVATION KERNELS EXACT: {ok}")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
     p.add_argument("--quick", action="store_true", help="two shapes only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the checks on tiny shapes on the CPU (Triton's interpreter): tests this script, times "
+                        "nothing (tests/test_gpu_scripts.py runs it)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    global SMOKE
+    SMOKE = args.cpu_smoke
+    if not torch.cuda.is_available() and not SMOKE:
         sys.exit("needs a CUDA device")
-    device = torch.device("cuda")
+    device = torch.device("cpu" if SMOKE else "cuda")
     import triton
-    print(f"# Triton dequant check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}")
+    name = "cpu (smoke: Triton interpreter, tiny shapes)" if SMOKE else torch.cuda.get_device_name()
+    print(f"# Triton dequant check: {name}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"triton_dequant.available: {td.available(device)}; tiles: {td.GGUF_CONFIG}, nf4 {td.NF4_CONFIG}")
     t0 = time.perf_counter()
-    shapes = FLUX_SHAPES[:1] + FLUX_SHAPES[3:4] if args.quick else FLUX_SHAPES
+    if SMOKE:
+        shapes, mm_shapes = [(64, 256), (32, 512)], [(64, 256)]
+    else:
+        shapes = FLUX_SHAPES[:1] + FLUX_SHAPES[3:4] if args.quick else FLUX_SHAPES
+        mm_shapes = MATMUL_SHAPES[:2] if args.quick else MATMUL_SHAPES
     ok = check_and_time(shapes, device)
-    kernel_counts(device)
+    if not SMOKE:  # counts CUDA kernels
+        kernel_counts(device)
     if args.sweep:
-        sweep(device)
-    if not args.no_compile:
+        sweep(device, shapes[0])
+    if not args.no_compile and not SMOKE:
         ok &= compile_check(device)
-    ok &= matmul_check(device, MATMUL_SHAPES[:2] if args.quick else MATMUL_SHAPES, args.sweep)
+    ok &= matmul_check(device, mm_shapes, args.sweep)
     ok &= lora_check(device, shapes)
+    if SMOKE or torch.cuda.get_device_capability(device) >= (8, 9):
+        ok &= fp8_linear_check(device, shapes, tokens=40 if SMOKE else 8704)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 

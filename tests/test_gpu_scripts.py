@@ -1,0 +1,32 @@
+"""The GPU check script runs end to end, on the CPU, before a GPU session depends on it.
+
+tests/gpu/kernel_check.py is what a GPU session (30 minutes of device time) runs to check and time every Triton
+kernel; a typo in it would waste that time. `--cpu-smoke` runs every check it makes (exactness against the torch
+reference, the fused matmul against fp64, the LoRA merge, the fp8 activation kernels, the tile sweeps) on tiny
+shapes in Triton's interpreter; the timings it prints mean nothing. The benchmark itself is covered the same way by
+tests/integration/test_bench_smoke.py (it needs ComfyUI).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernel_check_runs_every_check_on_the_cpu():
+    pytest.importorskip("triton", reason="the Triton kernel tests need the `triton` package (pip install triton); "
+                                         "they run in its interpreter, no GPU needed")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "kernel_check.py"), "--cpu-smoke",
+                           "--sweep"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    for verdict in ("ALL EXACT: True", "FUSED MATMUL WITHIN BOUND: True", "LORA MERGE NO WORSE THAN TWO-STEP: True",
+                    "FP8 ACTIVATION KERNELS EXACT: True", "; PASS"):
+        assert verdict in out, verdict
+    # every format reached the exactness table and the sweep
+    for fmt in ("Q8_0", "Q4_K", "Q2_K", "nf4-nested", "fp8"):
+        assert f"| {fmt} | 64x256 |" in out, fmt
+    assert "sweep Q4_K" in out and "Q4_K: best" in out
