@@ -23,6 +23,9 @@ import os
 
 import torch
 
+from . import fp8_triton  # registers its custom ops at import, not inside a torch.compile trace
+from .quant import triton_dequant
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 MIN_ROWS = 16
@@ -58,9 +61,7 @@ def quantize_activation_rows_eager(x2: torch.Tensor):
 
 def quantize_activation(x2: torch.Tensor, rowwise: bool = False):
     """(x2 / scale) in e4m3 and the float32 scale, scale = amax / 448: shape () per tensor, (rows, 1) per row."""
-    from .quant import triton_dequant
     if triton_dequant.available(x2.device):  # the one rule for our Triton kernels (CUDA, triton, KLV_NO_TRITON)
-        from . import fp8_triton
         return (fp8_triton.quantize_per_row if rowwise else fp8_triton.quantize_per_tensor)(x2, E4M3_MAX)
     return quantize_activation_rows_eager(x2) if rowwise else quantize_activation_eager(x2)
 

@@ -155,3 +155,30 @@ def test_triton_activation_kernels_equal_the_eager_code(dtype, whole_row_max, mo
     got, scale = fp8_triton.quantize_per_tensor(edges, 448.0)
     assert scale.item() == 1.0
     assert torch.equal(got.view(torch.uint8), edges.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fp8_path_traces_as_one_graph(rowwise, monkeypatch):
+    """torch.compile(fullgraph=True) through QuantLinear's fp8 tensor-core path: the activation quantization is one
+    custom op (per tensor or per row) next to _scaled_mm, and the compiled layer computes what the eager one does."""
+    pytest.importorskip("triton", reason="the Triton kernel tests need the `triton` package (pip install triton); "
+                                         "they run in its interpreter, no GPU needed")
+    import kontext_lowvram.optimizations.ops as ops
+    from kontext_lowvram.optimizations.quant import triton_dequant as td
+    monkeypatch.setattr(td, "available", lambda device: True)  # the interpreted kernels stand in for the GPU's
+    monkeypatch.setattr(ops, "use_fp8_matmul", lambda w, x: True)
+    monkeypatch.setenv(fl.ENV_ROWWISE, "1" if rowwise else "0")
+    torch._dynamo.reset()
+    w, x = _rows_of_different_magnitude(7)
+    layer = QuantLinear(quantize(w, "fp8_e4m3fn_scaled"), torch.randn(96) * 0.01, fp8_matmul=True)
+    graphs = []
+
+    def backend(gm, example_inputs):  # eager, keeping the graph to look at
+        graphs.append(gm)
+        return gm.forward
+
+    got = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    assert torch.equal(got, layer(x))
+    code = graphs[0].code
+    assert ("fp8_act_quant_rows" if rowwise else "fp8_act_quant_tensor") in code and "_scaled_mm" in code
+    assert len(graphs) == 1
