@@ -266,3 +266,17 @@ def test_supports_gguf():
     assert not td.supports_gguf("Q4_K", torch.float64)
     assert not td.supports_gguf("F16", torch.float16)
     assert not td.supports_gguf("nonsense", torch.float16)
+
+
+def test_register_op_without_triton_returns_the_plain_function(monkeypatch):
+    """Without triton the ops could never run: no registration, so torch logs no "Triton not available" line per
+    op when ComfyUI imports the pack on a machine without it."""
+    import importlib.util
+
+    def impl(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert td.register_op("klv_test_op_without_triton", impl) is impl
+    assert not hasattr(torch.ops.kontext_lowvram, "klv_test_op_without_triton")

@@ -28,6 +28,7 @@ Dynamo records one custom op (no graph break) and Inductor sees the kernel itsel
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import struct
@@ -245,8 +246,9 @@ def register_op(name: str, impl):
     """`impl` as the custom op kontext_lowvram::<name> (torch >= 2.6: torch.compile records one op, Inductor sees
     the kernel), registered once per process at import, so a first call inside torch.compile does not register it
     mid-trace. Another copy of the calling file (ComfyUI importing the folder by path next to the installed
-    package) reuses the op already registered: same code, same kernels. Older torch: `impl` itself."""
-    if _triton_op is None:
+    package) reuses the op already registered: same code, same kernels. Older torch, or no triton installed (the op
+    could never run, and torch would log "Triton not available" once per op at every ComfyUI start): `impl`."""
+    if _triton_op is None or importlib.util.find_spec("triton") is None:
         return impl
     try:
         return _triton_op(f"kontext_lowvram::{name}", mutates_args=())(impl)
