@@ -305,13 +305,19 @@ def measure(mm, make_model, inp, steps, profile=False):
 
 # (category, substrings of a kernel / op name); the first match wins, the rest is "other"
 PROFILE_CATEGORIES = [
-    ("quant", ("dequant_gguf", "dequant_nf4", "matmul_gguf", "matmul_nf4", "amax_kernel", "quant_kernel",
-               "kontext_lowvram::")),
+    # our Triton kernels (triton_kernels.py: dequant_*, matmul_*, act_*) and, on the CPU, our custom ops
+    ("quant", ("dequant_gguf", "dequant_nf4", "dequant_fp8", "dequant_lora_", "matmul_gguf", "matmul_nf4",
+               "matmul_fp8", "act_amax", "act_quant_", "kontext_lowvram::")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm")),
     ("copies", ("memcpy", "memset", "aten::copy_")),
 ]
 PROFILE_COLUMNS = [c for c, _ in PROFILE_CATEGORIES] + ["other", "idle"]
+
+
+def profile_category(kernel_name: str) -> str:
+    low = kernel_name.lower()
+    return next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
 
 
 def profile_step(step, cuda):
@@ -322,9 +328,7 @@ def profile_step(step, cuda):
     totals = dict.fromkeys(PROFILE_COLUMNS, 0.0)
 
     def add(name, us):
-        low = name.lower()
-        cat = next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
-        totals[cat] += us / 1000
+        totals[profile_category(name)] += us / 1000
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()

@@ -30,3 +30,19 @@ def test_kernel_check_runs_every_check_on_the_cpu():
     for fmt in ("Q8_0", "Q4_K", "Q2_K", "nf4-nested", "fp8"):
         assert f"| {fmt} | 64x256 |" in out, fmt
     assert "sweep Q4_K" in out and "Q4_K: best" in out
+
+
+def test_bench_profile_counts_every_kernel_of_ours_as_quant():
+    """The bench's profile column 'quant' is matched by kernel name: every kernel in triton_kernels.py must land
+    there (a renamed or new kernel silently counted as 'other' would misstate the profile of a miss)."""
+    import ast
+
+    from kontext_lowvram.bench import profile_category
+    path = os.path.join(ROOT, "optimizations", "quant", "triton_kernels.py")
+    kernels = [f.name for f in ast.parse(open(path).read()).body
+               if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")]
+    assert {"dequant_gguf", "dequant_fp8", "matmul_fp8", "act_quant_rows", "dequant_lora_nf4"} <= set(kernels)
+    assert {k: profile_category(k) for k in kernels} == dict.fromkeys(kernels, "quant")
+    assert profile_category("kontext_lowvram::gguf_dequant") == "quant"  # CPU smoke: our custom ops
+    assert profile_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profile_category("triton_poi_fused_add_0") == "other"
