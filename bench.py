@@ -566,12 +566,59 @@ def table(args, rows, rates, floor_bf16, floor_fp8, dynamic, lin, attn):
         ratio = f"{s / base:.2f}" if base else "—"
         lines.append(f"| {who} | {label} | {s:.3f} | {ratio} | {p_t:.1f} | {p_d:.1f} | {load_s:.1f} | {err} | {patcher} |"
                      + extra)
+    lines += target_lines(rows)
     if args.profile:
         lines += ["", "Profile: one extra step under torch.profiler (slower than the timed ones), GPU kernel time per "
                       "category: quant = our Triton dequant / fused matmul / fp8 activation kernels; matmul = cuBLAS/"
                       "CUTLASS; copies = memcpy/memset (weights streamed in); other = elementwise, norms, torch-path "
                       "dequant (ComfyUI-GGUF's); idle = gaps between kernels inside the step (the GPU waiting on Python)."]
     return "\n".join(lines) + "\n"
+
+
+def target_lines(rows):
+    """Issue 4's targets, each as the ratio this run measured (every row present; a target whose rows are missing
+    is left out): for each of our formats the default row and, where opt-in variants ran, the best of them."""
+    t = {(who, label): s for who, label, s, *_ in rows if s}
+    core = t.get(("core", "bf16"))
+
+    def ours(fmt):  # {variant: s/step}; "" is the default row
+        return {label[len(fmt):].strip(" ()"): s for (who, label), s in t.items()
+                if who == "ours" and (label == fmt or label.startswith(fmt + " (") and "LoRA" not in label)}
+
+    def verdict(name, got, bound, better):
+        ok = got <= bound if better == "≤" else got >= bound
+        return f"{name}: {got:.2f}× (target {better} {bound:.2f}×) " + (
+            "met" if ok else f"missed by {abs(got / bound - 1) * 100:.0f} %")
+
+    out = []
+
+    def add(name, fmt, ref, bound, invert=False):
+        variants = ours(fmt)
+        if ref is None or "" not in variants:
+            return
+        ratio = (lambda v: ref / v) if invert else (lambda v: v / ref)
+        line = "- " + verdict(name, ratio(variants[""]), bound, "≥" if invert else "≤")
+        others = {k: ratio(v) for k, v in variants.items() if k}
+        if others:
+            best = (max if invert else min)(others, key=others.get)
+            line += f"; best opt-in variant ({best}) {others[best]:.2f}×"
+        out.append(line)
+
+    add("ours Q8_0 vs core bf16", "Q8_0", core, 1.0)
+    add("ours Q4_K vs core bf16", "Q4_K", core, 1.10)
+    add("ours Q5_K vs core bf16", "Q5_K", core, 1.10)
+    add("ComfyUI-GGUF Q8_0 / ours Q8_0 (speed-up)", "Q8_0", t.get(("ComfyUI-GGUF", "Q8_0")), 1.2, invert=True)
+    add("ComfyUI-GGUF Q4_K / ours Q4_K (speed-up)", "Q4_K", t.get(("ComfyUI-GGUF", "Q4_K")), 1.7, invert=True)
+    for who, label in t:
+        if who == "core" and label.startswith("fp8"):
+            add(f"ours fp8 vs core {label}", "fp8_e4m3fn_scaled", t[(who, label)], 1.0)
+    for (who, label), s in t.items():
+        if who == "ours" and " + LoRA" in label:
+            base = t.get(("ours", label.split(" + LoRA")[0]))
+            if base:
+                out.append(f"- LoRA cost, ours {label}: {(s / base - 1) * 100:+.1f} % (target ≤ +3 %) "
+                           + ("met" if s / base <= 1.03 else f"missed by {(s / base - 1.03) * 100:.1f} points"))
+    return ["", "Targets (issue 4; ratios within this run):", ""] + out if out else []
 
 
 def prof_text(prof):

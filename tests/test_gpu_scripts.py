@@ -46,3 +46,31 @@ def test_bench_profile_counts_every_kernel_of_ours_as_quant():
     assert profile_category("kontext_lowvram::gguf_dequant") == "quant"  # CPU smoke: our custom ops
     assert profile_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_category("triton_poi_fused_add_0") == "other"
+
+
+def test_bench_states_each_target_from_the_rows_of_one_run():
+    from kontext_lowvram.bench import target_lines
+
+    def row(who, label, s):
+        return (who, label, s, 1.0, 1.0, 1.0, "", "ModelPatcher", None)
+
+    rows = [row("core", "bf16", 0.330), row("core", "fp8 native (comfy_quant)", 0.288),
+            row("ours", "Q8_0", 0.350), row("ours", "Q8_0 (fused small-batch matmul)", 0.3366),
+            row("ours", "Q4_K", 0.338), row("ours", "fp8_e4m3fn_scaled", 0.297),
+            row("ours", "fp8_e4m3fn_scaled (per-row activation scale)", 0.280),
+            row("ComfyUI-GGUF", "Q8_0", 0.405), row("ComfyUI-GGUF", "Q4_K", 0.552),
+            row("ours", "Q8_0 + LoRA r32 (low-rank)", 0.357), row("ours", "Q4_K + LoRA r32 (low-rank)", 0.3449),
+            row("ours", "Q5_K", None)]  # a failed row: no target line
+    text = "\n".join(target_lines(rows))
+    assert "- ours Q8_0 vs core bf16: 1.06× (target ≤ 1.00×) missed by 6 %; best opt-in variant (fused small-batch " \
+           "matmul) 1.02×" in text
+    assert "- ours Q4_K vs core bf16: 1.02× (target ≤ 1.10×) met" in text
+    assert "- ComfyUI-GGUF Q8_0 / ours Q8_0 (speed-up): 1.16× (target ≥ 1.20×) missed by 4 %; best opt-in " \
+           "variant (fused small-batch matmul) 1.20×" in text
+    assert "- ComfyUI-GGUF Q4_K / ours Q4_K (speed-up): 1.63× (target ≥ 1.70×) missed by 4 %" in text
+    assert "- ours fp8 vs core fp8 native (comfy_quant): 1.03× (target ≤ 1.00×) missed by 3 %; best opt-in variant " \
+           "(per-row activation scale) 0.97×" in text
+    assert "- LoRA cost, ours Q8_0 + LoRA r32 (low-rank): +2.0 % (target ≤ +3 %) met" in text
+    assert "- LoRA cost, ours Q4_K + LoRA r32 (low-rank): +2.0 % (target ≤ +3 %) met" in text
+    assert "Q5_K" not in text
+    assert target_lines([row("core", "bf16", 0.33)]) == []
