@@ -427,9 +427,11 @@ def matmul_fp8(x, w, scale, bias, out, N, K, stride_x, stride_o, BN: tl.constexp
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# fp8 activation quantization for the fp8 tensor-core matmul (fp8_linear): q = clamp(x / scale) in e4m3 with
-# scale = max(amax / fmax, 1e-12). Divisions are IEEE (div_rn): Triton's `/` on float32 is the approximate
-# div.full.f32, which would make the scale and the values differ from the eager torch code by an ulp.
+# fp8 activation quantization for the fp8 tensor-core matmul (fp8_linear): q = clamp(x * (1 / scale)) in e4m3 with
+# scale = max(amax / fmax, 1e-12), as the eager code computes it. The two scalar divisions are IEEE (div_rn):
+# Triton's `/` on float32 is the approximate div.full.f32, which could put the scale an ulp off the eager one.
+# Per element a multiply by the reciprocal, not a division: an IEEE division per element would cost ~10
+# instructions in a kernel that must keep up with HBM.
 
 @jit
 def _amax(x, AXIS: tl.constexpr):
@@ -480,8 +482,9 @@ def act_quant_tensor(x, out, amax, scale, n, fmax, BLOCK: tl.constexpr, FP8_BITS
     s = tl.maximum(tl.math.div_rn(tl.load(amax), fmax), 1e-12)
     if pid == 0:
         tl.store(scale, s)
+    inv = tl.math.div_rn(1.0, s)
     v = tl.load(x + offs, mask=offs < n, other=0.0).to(tl.float32)
-    _store_e4m3(out + offs, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), offs < n, FP8_BITS)
+    _store_e4m3(out + offs, tl.clamp(v * inv, -fmax, fmax), offs < n, FP8_BITS)
 
 
 @jit
@@ -496,7 +499,7 @@ def act_quant_rows(x, out, scale, K, fmax, BLOCK: tl.constexpr, WHOLE_ROW: tl.co
         v = tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)
         s = tl.maximum(tl.math.div_rn(_amax(v, 0), fmax), 1e-12)
         tl.store(scale + row, s)
-        _store_e4m3(out + base + k, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), k < K, FP8_BITS)
+        _store_e4m3(out + base + k, tl.clamp(v * tl.math.div_rn(1.0, s), -fmax, fmax), k < K, FP8_BITS)
     else:
         m = tl.full([BLOCK], 0.0, tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -504,10 +507,11 @@ def act_quant_rows(x, out, scale, K, fmax, BLOCK: tl.constexpr, WHOLE_ROW: tl.co
             m = tl.maximum(m, tl.abs(tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)))
         s = tl.maximum(tl.math.div_rn(_amax(m, 0), fmax), 1e-12)
         tl.store(scale + row, s)
+        inv = tl.math.div_rn(1.0, s)
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             v = tl.load(x + base + k, mask=k < K, other=0.0).to(tl.float32)
-            _store_e4m3(out + base + k, tl.clamp(tl.math.div_rn(v, s), -fmax, fmax), k < K, FP8_BITS)
+            _store_e4m3(out + base + k, tl.clamp(v * inv, -fmax, fmax), k < K, FP8_BITS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
