@@ -112,6 +112,30 @@ def stacked_factors(deltas, device, dtype):
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
+def merge_all(weight: torch.Tensor, deltas) -> torch.Tensor:
+    """weight += Σ sᵢ·Uᵢ·Dᵢ in place. Several LoRAs go in one addmm over the weight (stacked factors): each
+    separate merge is a read + write of the whole dequantized weight. Output-slice LoRAs merge one by one."""
+    factors = stacked_factors(deltas, weight.device, weight.dtype) if len(deltas) > 1 else None
+    if factors is None:
+        for delta in deltas:
+            delta.merge_into(weight)
+    else:
+        weight.addmm_(*factors)
+    return weight
+
+
+def apply_all(x: torch.Tensor, out: torch.Tensor, deltas) -> torch.Tensor:
+    """out += Σ sᵢ·(x·Dᵢᵀ)·Uᵢᵀ in place; several LoRAs in one addmm over the output, as merge_all."""
+    factors = stacked_factors(deltas, x.device, x.dtype) if len(deltas) > 1 else None
+    if factors is None:
+        for delta in deltas:
+            delta.apply(x, out)
+    else:
+        up, down = factors
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.t(), up.t())
+    return out
+
+
 def split_low_rank(functions):
     """(low-rank deltas, other weight functions) from a module's weight_function list."""
     low = [f for f in functions if isinstance(f, LowRankDelta)]

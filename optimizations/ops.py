@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from .fp8_linear import fp8_linear, use_fp8_matmul
-from .lora import split_low_rank, stacked_factors
+from .lora import apply_all, merge_all, split_low_rank, stacked_factors
 from .qtensor import QTensor
 from .quant import dequantize_raw, triton_dequant, triton_lora, triton_matmul
 
@@ -80,7 +80,8 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     weight); activations of a few rows may take the fused small-batch matmul (triton_matmul, opt-in); everything
     else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into that just-dequantized
     weight when the activation has more rows than the weight has columns (in the dequant kernel itself where
-    triton_lora is switched on), else added to the output; the stored quantized weight is never changed.
+    triton_lora is switched on), else added to the output; several LoRAs on one layer take one pass together
+    (lora.merge_all / apply_all). The stored quantized weight is never changed.
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
@@ -104,12 +105,11 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
             if merge:
                 if module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES:
                     weight = weight.clone()  # may be a view of the stored weight: never change that in place
-                for delta in low_rank:
-                    delta.merge_into(weight)
+                merge_all(weight, low_rank)
                 low_rank = []
         out = torch.nn.functional.linear(x, weight, bias)
-    for delta in low_rank:
-        delta.apply(x, out)
+    if low_rank:
+        apply_all(x, out, low_rank)
     return out
 
 

@@ -118,3 +118,24 @@ def test_merge_never_writes_into_stored_float_weights():
     before = layer.weight.clone()
     out = layer(torch.randn(20, 8).to(torch.float16))
     assert torch.equal(layer.weight, before) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # output path; merged path
+def test_several_loras_take_one_pass(rows):
+    """Two LoRAs on one layer equal the merged reference, and cost one addmm over the output / the dequantized
+    weight (their factors stacked), not one per LoRA: each pass reads and writes the whole tensor."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 128, generator=g) * 0.02
+    loras = [(torch.randn(48, r, generator=g) * 0.1, torch.randn(r, 128, generator=g) * 0.1, a, s)
+             for r, a, s in ((4, 2.0, 1.5), (8, 8.0, -0.6))]
+    x = torch.randn(rows, 128, generator=g)
+    qw = quantize(w, "Q8_0")
+    layer = QuantLinear(qw)
+    layer.weight_function = [LowRankDelta(up, down, alpha=a, strength=s) for up, down, a, s in loras]
+    ref = dequantize(qw, torch.float64)
+    for up, down, a, s in loras:
+        ref = merged_reference(ref, up, down, a, s)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = layer(x)
+    torch.testing.assert_close(out.double(), x.double() @ ref.T, rtol=1e-5, atol=1e-5)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_") == 1
