@@ -77,13 +77,18 @@ def _q8_0(blk, m):
 
 
 @jit
-def _q4_0(blk, m):
-    # d[2] qs[16]; low nibbles are quants 0-15, high nibbles 16-31
+def _nibbles_32(blk, at, m):
+    """The 32 four-bit quants of a 32-element block (Q4_0/Q4_1/Q5_x low bits/IQ4_NL) as int32 [2, 16]: the 16
+    bytes at blk + at hold quants 0-15 in their low nibbles and 16-31 in their high nibbles."""
     h = tl.arange(0, 2)[:, None]
     k = tl.arange(0, 16)[None, :]
-    byte = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int32)
-    q = ((byte >> (h * 4)) & 0xF).to(tl.float32) - 8.0
-    return _f16(blk, m) * q
+    return (tl.load(blk + at + k, mask=m, other=0).to(tl.int32) >> (h * 4)) & 0xF
+
+
+@jit
+def _q4_0(blk, m):
+    # d[2] qs[16]; value d * (q - 8)
+    return _f16(blk, m) * (_nibbles_32(blk, 2, m).to(tl.float32) - 8.0)
 
 
 @jit
@@ -142,23 +147,17 @@ def _q3_k(blk, m):
 
 @jit
 def _q4_1(blk, m):
-    # d[2] m[2] qs[16]; quants as Q4_0, value d * q + m
-    h = tl.arange(0, 2)[:, None]
-    k = tl.arange(0, 16)[None, :]
-    q = ((tl.load(blk + 4 + k, mask=m, other=0).to(tl.int32) >> (h * 4)) & 0xF).to(tl.float32)
-    return _f16(blk, m) * q + _f16(blk + 2, m)
+    # d[2] m[2] qs[16]; value d * q + m
+    return _f16(blk, m) * _nibbles_32(blk, 4, m).to(tl.float32) + _f16(blk + 2, m)
 
 
 @jit
 def _q5_bits(blk, qh_at, qs_at, m):
-    """Q5_0/Q5_1 quants [2, 16]: low nibbles as Q4_0 from qs, bit j of the little-endian uint32 qh is the 5th bit
-    of quant j = h*16 + k."""
-    h = tl.arange(0, 2)[:, None]
-    k = tl.arange(0, 16)[None, :]
-    j = h * 16 + k
-    low = (tl.load(blk + qs_at + k, mask=m, other=0).to(tl.int32) >> (h * 4)) & 0xF
+    """Q5_0/Q5_1 quants [2, 16]: low nibbles from qs (_nibbles_32), bit j of the little-endian uint32 qh is the
+    5th bit of quant j = h*16 + k."""
+    j = tl.arange(0, 2)[:, None] * 16 + tl.arange(0, 16)[None, :]
     high = (tl.load(blk + qh_at + j // 8, mask=m, other=0).to(tl.int32) >> (j % 8)) & 1
-    return low | (high << 4)
+    return _nibbles_32(blk, qs_at, m) | (high << 4)
 
 
 @jit
@@ -197,11 +196,8 @@ def _iq4_value(q):
 
 @jit
 def _iq4_nl(blk, m):
-    # d[2] qs[16]; as Q4_0 (low nibbles are quants 0-15, high nibbles 16-31), each nibble an index into kvalues
-    h = tl.arange(0, 2)[:, None]
-    k = tl.arange(0, 16)[None, :]
-    byte = tl.load(blk + 2 + k, mask=m, other=0).to(tl.int32)
-    return _f16(blk, m) * _iq4_value((byte >> (h * 4)) & 0xF)
+    # d[2] qs[16]; as Q4_0, each nibble an index into kvalues
+    return _f16(blk, m) * _iq4_value(_nibbles_32(blk, 2, m))
 
 
 @jit
