@@ -45,17 +45,11 @@ def use_fp8_matmul(weight: torch.Tensor, x: torch.Tensor) -> bool:
             and in_f % 16 == 0 and out_f % 16 == 0 and fp8_matmul_supported(x.device))
 
 
-def quantize_activation_eager(x2: torch.Tensor):
-    amax = x2.abs().amax().float()
+def quantize_activation_eager(x2: torch.Tensor, rowwise: bool = False):
+    """The torch reference of the fp8_triton kernels: one scale for x2, or (rowwise) one per row."""
+    amax = (x2.abs().amax(dim=1, keepdim=True) if rowwise else x2.abs().amax()).float()
     scale = torch.clamp(amax / E4M3_MAX, min=1e-12)
     xq = (x2.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # as the kernels: times the reciprocal
-    return xq, scale
-
-
-def quantize_activation_rows_eager(x2: torch.Tensor):
-    amax = x2.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.clamp(amax / E4M3_MAX, min=1e-12)
-    xq = (x2.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return xq, scale
 
 
@@ -63,7 +57,7 @@ def quantize_activation(x2: torch.Tensor, rowwise: bool = False):
     """(x2 / scale) in e4m3 and the float32 scale, scale = amax / 448: shape () per tensor, (rows, 1) per row."""
     if triton_dequant.available(x2.device):  # the one rule for our Triton kernels (CUDA, triton, KLV_NO_TRITON)
         return (fp8_triton.quantize_per_row if rowwise else fp8_triton.quantize_per_tensor)(x2, E4M3_MAX)
-    return quantize_activation_rows_eager(x2) if rowwise else quantize_activation_eager(x2)
+    return quantize_activation_eager(x2, rowwise)
 
 
 def rowwise_enabled(x: torch.Tensor) -> bool:

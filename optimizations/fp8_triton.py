@@ -4,7 +4,7 @@
 Per tensor: pass 1 reduces |x| to one float32 amax with an atomic max; pass 2 writes clamp(x / (amax / fmax)).
 Per row: one program per row loads the row once, finds its amax and quantizes it, so HBM sees the activation once
 (the per-tensor scale needs the whole tensor read before the first value can be quantized, hence its two passes).
-Both give the values `fp8_linear.quantize_activation_eager` / `quantize_activation_rows_eager` give.
+Both give the values `fp8_linear.quantize_activation_eager` gives.
 """
 import torch
 
@@ -33,7 +33,7 @@ def _per_tensor_impl(x2: torch.Tensor, fmax: float) -> tuple[torch.Tensor, torch
     amax = torch.zeros((), device=x2.device, dtype=torch.float32)
     scale = torch.empty((), device=x2.device, dtype=torch.float32)
     out = torch.empty(x2.shape, device=x2.device, dtype=torch.float8_e4m3fn)
-    grid = (max(1, -(-n // BLOCK)),)
+    grid = (max(1, td.triton_cdiv(n, BLOCK)),)
     td._launch(k.act_amax, interpret, grid, x2, amax, n, BLOCK=BLOCK)
     td._launch(k.act_quant_tensor, interpret, grid, x2, _bytes(out, interpret), amax, scale, n, fmax, BLOCK=BLOCK,
                FP8_BITS=interpret)

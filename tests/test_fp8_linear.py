@@ -69,7 +69,7 @@ def test_quant_linear_takes_fp8_path_when_dispatch_allows(monkeypatch):
 def test_rowwise_activation_quantization_scales_each_row_by_its_absmax():
     x = torch.randn(8, 128, generator=torch.Generator().manual_seed(2)) * torch.logspace(-2, 3, 8)[:, None]
     x[3] = 0  # an all-zero row (padding tokens) gets the floor scale, not a division by zero
-    xq, scale = fl.quantize_activation_rows_eager(x)
+    xq, scale = fl.quantize_activation_eager(x, rowwise=True)
     assert xq.dtype == torch.float8_e4m3fn and scale.shape == (8, 1)
     want = (x.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
     assert torch.allclose(scale, want, rtol=1e-6, atol=0)
@@ -146,7 +146,7 @@ def test_triton_activation_kernels_equal_the_eager_code(dtype, whole_row_max, mo
     x = x.to(dtype)
     for rowwise in (False, True):
         got, got_scale = (fp8_triton.quantize_per_row if rowwise else fp8_triton.quantize_per_tensor)(x, 448.0)
-        want, want_scale = (fl.quantize_activation_rows_eager if rowwise else fl.quantize_activation_eager)(x)
+        want, want_scale = fl.quantize_activation_eager(x, rowwise)
         assert got.dtype == torch.float8_e4m3fn and got_scale.shape == want_scale.shape
         assert torch.equal(got_scale, want_scale)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
