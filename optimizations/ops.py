@@ -200,7 +200,8 @@ def make_comfy_ops(fp8_matmul: bool = True):
 
             # ModelPatcher's seam for patching weights it cannot read (comfy.model_patcher.get_key_weight):
             # it hands us a cast of the raw storage; we answer with the real values, then take the merged
-            # result back. The merged weight stays dense until the host restores its backup of the raw one.
+            # result back. A merged GGUF/NF4 weight stays dense (bf16) until the host restores its backup of
+            # the raw one; a merged fp8 weight is fp8 again.
             def convert_weight(self, weight, inplace=False, **kwargs):
                 if not is_quantized(self):
                     return weight
@@ -210,9 +211,17 @@ def make_comfy_ops(fp8_matmul: bool = True):
                 if return_weight:
                     return weight
                 import comfy.float
-                dtype = torch.bfloat16 if is_quantized(self) else self.weight.dtype
+                fp8 = is_quantized(self) and self.klv_qformat == "fp8"
+                if fp8:
+                    # As core's scaled-fp8 layers: the merged weight goes back to fp8 under the layer's own
+                    # scale (stochastic rounding), so a LoRA'd layer keeps fp8 memory and the fp8 matmul, and
+                    # the host's restore of the raw weight alone brings the original back.
+                    scale = getattr(self, AUX_PREFIX + "scale", None) if "scale" in self.klv_aux_names else None
+                    if scale is not None:
+                        weight = weight / scale.to(device=weight.device, dtype=weight.dtype)
+                dtype = self.weight.dtype if fp8 or not is_quantized(self) else torch.bfloat16
                 value = comfy.float.stochastic_rounding(weight, dtype, seed=seed or 0)
-                if inplace_update and not is_quantized(self):
+                if inplace_update and value.dtype == self.weight.dtype:
                     self.weight.data.copy_(value)
                 else:
                     self.weight = torch.nn.Parameter(value, requires_grad=False)

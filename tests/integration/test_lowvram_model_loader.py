@@ -154,17 +154,27 @@ def test_kquant_runtime_matches_its_exact_values(comfy, original, flux_cfg, exac
 
 @pytest.mark.parametrize("fmt", ["gguf_q8_0", "nf4_bnb", "fp8_e4m3fn_scaled"])
 def test_core_lora_applies_to_quantized_model(comfy, write_format, exact_reference, flux_lora, fmt):
-    """Core LoraLoaderModelOnly on our quantized model = core's LoRA on an fp32 model of the same values."""
+    """Core LoraLoaderModelOnly on our quantized model = core's LoRA on an fp32 model of the same values.
+
+    GGUF/NF4 layers are merged into bf16 (as core does for a bf16 model). fp8 layers are merged and stored as
+    fp8 again, with core's stochastic rounding (the exact rounding is checked in test_host_lora_patches.py), so
+    their error is that of an fp8 rounding of the merged weights: bounded by core's own fp8 + LoRA on the same
+    file against the same fp32 merge."""
     name = write_format(fmt)
     plain = run_latent(comfy, ours(name), f"lora0_{fmt}")
     with_lora = run_latent(comfy, ours(name), f"lora1_{fmt}", lora=flux_lora)
     with exact_reference(write_format.state_dict(fmt), f"klv_{fmt}") as ref_name:
-        core_lora = run_latent(comfy, H.unet_loader_node(ref_name), f"lora_core_{fmt}", lora=flux_lora)
-    effect, err = rel(with_lora, plain), rel(with_lora, core_lora)
-    print(f"{comfy.version} {fmt}: LoRA effect {effect:.4f}; vs core LoRA on the same values {err:.5f}")
+        fp32_merge = run_latent(comfy, H.unet_loader_node(ref_name), f"lora_core_{fmt}", lora=flux_lora)
+    effect, err = rel(with_lora, plain), rel(with_lora, fp32_merge)
+    print(f"{comfy.version} {fmt}: LoRA effect {effect:.4f}; vs core LoRA on the same values in fp32 {err:.5f}")
     assert effect > 0.05  # the LoRA really changed the output
-    # Ours keeps the LoRA-merged layers in bf16 (as core does for a bf16 model); the reference merges in fp32.
-    assert err < 0.02
+    if fmt.startswith("fp8"):
+        core_fp8 = run_latent(comfy, H.unet_loader_node(name), f"lora_core8_{fmt}", lora=flux_lora)
+        core_err = rel(core_fp8, fp32_merge)
+        print(f"{comfy.version} {fmt}: core's own fp8 + LoRA vs the same fp32 merge {core_err:.5f}")
+        assert err < 1.5 * core_err
+    else:
+        assert err < 0.02
     zero = run_latent(comfy, ours(name), f"lora_zero_{fmt}", lora={"lora_name": flux_lora, "strength_model": 0.0})
     assert torch.equal(zero, plain)
 
