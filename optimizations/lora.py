@@ -8,6 +8,9 @@ where it is cheapest:
   modulation layers) and on the fp8 matmul path, which never materialises a dense weight.
 Either way the stored quantized weight is never changed, and strength is a plain multiplier on the small factor.
 
+A core LoRA loader's patches that the host applies per forward (low-VRAM layers, v0.29's dynamic VRAM) take the
+same paths: `host_patch_low_rank` reads plain LoRAs out of them.
+
 `LowRankDelta` is also a ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`): called on a dense weight it
 returns the merged weight, so any code path that only knows weight functions still gets the right result.
 The scale follows ComfyUI's LoRA semantics (`comfy.weight_adapter.lora.LoRAAdapter.calculate_weight`):
@@ -137,9 +140,61 @@ def apply_all(x: torch.Tensor, out: torch.Tensor, deltas) -> torch.Tensor:
 
 
 def split_low_rank(functions):
-    """(low-rank deltas, other weight functions) from a module's weight_function list."""
-    low = [f for f in functions if isinstance(f, LowRankDelta)]
-    return low, [f for f in functions if not isinstance(f, LowRankDelta)]
+    """(low-rank deltas, other weight functions) from a module's weight_function list: our own deltas, and the
+    plain LoRAs inside the host's per-forward patches (see host_patch_low_rank)."""
+    low, other = [], []
+    for f in functions:
+        if isinstance(f, LowRankDelta):
+            low.append(f)
+            continue
+        host = host_patch_low_rank(f)
+        if host is None:
+            other.append(f)
+        else:
+            low.extend(host)
+    return low, other
+
+
+def patch_list_low_rank(patch_list):
+    """LowRankDeltas that add up to what `comfy.lora.calculate_weight` does with a patch list
+    [(strength, adapter, strength_model, offset, function), ...], or None when an entry is more than a plain LoRA
+    on the output dimension (a model-merge strength, a function, a nested list, a diff, DoRA, LoHa, ...)."""
+    deltas = []
+    for entry in patch_list:
+        if not isinstance(entry, tuple) or len(entry) != 5:
+            return None
+        strength, value, strength_model, offset, function = entry
+        factors = None if isinstance(value, list) else lora_adapter_factors(value)
+        if factors is None or strength_model != 1.0 or function is not None or (offset is not None and offset[0] != 0):
+            return None
+        up, down, alpha = factors
+        deltas.append(LowRankDelta(up, down, alpha, strength, offset))
+    return deltas
+
+
+def host_patch_low_rank(fn):
+    """The LoRA deltas behind one of ComfyUI's per-forward weight patches, or None.
+
+    The host applies a LoRA per forward (`comfy.model_patcher.LowVramPatch`: `calculate_weight` on the dense
+    weight) to the layers it does not merge at load: low-VRAM layers, and every patched layer under v0.29's
+    dynamic VRAM. On a quantized layer that costs a full-size float32 delta each forward (~20 bytes per weight)
+    and takes fp8 layers off the fp8 matmul. As deltas, a core LoRA loader's patches ride our low-rank paths
+    instead. Read from the patcher's own patch list (never the transient `prepared_patches` copies) and cached on
+    the patch object, which the host makes anew for each load: the factors are cast to the device once per load.
+    """
+    key, patches = getattr(fn, "key", None), getattr(fn, "patches", None)
+    if not isinstance(patches, dict) or not isinstance(key, str) or key not in patches:
+        return None
+    patch_list = patches[key]
+    cached = getattr(fn, "_klv_low_rank", None)
+    if cached is not None and cached[0] is patch_list and cached[1] == len(patch_list):
+        return cached[2]
+    deltas = patch_list_low_rank(patch_list)
+    try:
+        fn._klv_low_rank = (patch_list, len(patch_list), deltas)
+    except AttributeError:  # a patch object with __slots__: convert again next time
+        pass
+    return deltas
 
 
 def lora_adapter_factors(patch):

@@ -81,7 +81,8 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     else is dequantized just in time. Low-rank LoRA deltas (see lora.py) are merged into that just-dequantized
     weight when the activation has more rows than the weight has columns (in the dequant kernel itself where
     triton_lora is switched on), else added to the output; several LoRAs on one layer take one pass together
-    (lora.merge_all / apply_all). The stored quantized weight is never changed.
+    (lora.merge_all / apply_all). A core LoRA loader's per-forward patches count as such deltas when they are
+    plain LoRAs (lora.host_patch_low_rank). The stored quantized weight is never changed.
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):

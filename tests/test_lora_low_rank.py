@@ -139,3 +139,73 @@ def test_several_loras_take_one_pass(rows):
         out = layer(x)
     torch.testing.assert_close(out.double(), x.double() @ ref.T, rtol=1e-5, atol=1e-5)
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_") == 1
+
+
+class HostPatch:
+    """Stands in for comfy.model_patcher.LowVramPatch: the host's per-forward LoRA (`key` into the patcher's
+    `patches` dict of (strength, adapter, strength_model, offset, function) entries); called on a dense weight it
+    merges in fp64 here, and counts its calls (the fallback path)."""
+
+    def __init__(self, key, patches):
+        self.key, self.patches, self.calls = key, patches, 0
+
+    def __call__(self, weight):
+        self.calls += 1
+        out = weight.to(torch.float64, copy=True)
+        for strength, adapter, _, offset, _ in self.patches[self.key]:
+            up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
+            scale = alpha / down.shape[0] if alpha is not None else 1.0  # as LoRAAdapter.calculate_weight
+            target = out if offset is None else out.narrow(0, offset[1], offset[2])
+            target += strength * scale * (up.double() @ down.double())
+        return out.to(weight.dtype)
+
+
+def adapter(up, down, alpha):
+    return SimpleNamespace(name="lora", weights=(up, down, alpha, None, None, None))
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # output path; merged path
+@pytest.mark.parametrize("fmt", ["Q4_0", "nf4", "fp8_e4m3fn_scaled"])
+def test_host_lora_patches_take_the_low_rank_path(fmt, rows):
+    """A core LoRA loader's per-forward patch on a quantized layer is applied as low-rank deltas: the result equals
+    the host's own merge (fp64 reference), the host's dense-weight call never runs, and the cast factors are kept
+    for the next forward; adding an entry to the patch list is seen."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(96, 256, generator=g) * 0.02
+    up1, down1 = torch.randn(96, 8, generator=g) * 0.1, torch.randn(8, 256, generator=g) * 0.1
+    up2, down2 = torch.randn(32, 4, generator=g) * 0.1, torch.randn(4, 256, generator=g) * 0.1
+    key = "blocks.0.qkv.weight"
+    patches = {key: [(0.7, adapter(up1, down1, 4.0), 1.0, None, None),
+                     (1.2, adapter(up2, down2, 2.0), 1.0, (0, 32, 32), None)]}  # an output slice (q, k or v)
+    qw = quantize(w, fmt)
+    layer = QuantLinear(qw)
+    host = HostPatch(key, patches)
+    layer.weight_function = [host]
+    x = torch.randn(rows, 256, generator=g)
+    base = dequantize(qw, torch.float64)
+    ref = x.double() @ host(base).T
+    host.calls = 0
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    deltas = host._klv_low_rank[2]
+    layer(x)
+    assert host.calls == 0 and host._klv_low_rank[2] is deltas  # converted once, factors kept
+    patches[key].append((-0.5, adapter(up1, down1, None), 1.0, None, None))
+    ref = x.double() @ host(base).T
+    host.calls = 0
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert host.calls == 0 and len(host._klv_low_rank[2]) == 3
+
+
+@pytest.mark.parametrize("entry", [
+    (1.0, ("diff", (torch.ones(16, 8),)), 1.0, None, None),  # a full-weight diff
+    (1.0, adapter(torch.ones(16, 2), torch.ones(2, 8), None), 0.5, None, None),  # model-merge strength
+    (1.0, adapter(torch.ones(16, 2), torch.ones(2, 8), None), 1.0, None, torch.tanh),  # a function on the delta
+    (1.0, SimpleNamespace(name="loha", weights=(torch.ones(16, 2), torch.ones(2, 8))), 1.0, None, None),
+])
+def test_host_patches_beyond_plain_lora_stay_with_the_host(entry):
+    """Anything calculate_weight does that a low-rank delta cannot say goes through the host's own call."""
+    from kontext_lowvram.optimizations.lora import split_low_rank
+    lora = (1.0, adapter(torch.ones(16, 2), torch.ones(2, 8), None), 1.0, None, None)
+    host = HostPatch("w", {"w": [lora, entry]})
+    low, other = split_low_rank([host])
+    assert low == [] and other == [host]

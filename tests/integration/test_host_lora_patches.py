@@ -1,0 +1,41 @@
+"""Core LoRA patches on our quantized layers, with ComfyUI's own patch classes (host_lora_check.py runs them in a
+fresh process; this checks what it measured)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECK = Path(__file__).resolve().parent / "host_lora_check.py"
+
+
+@pytest.fixture(scope="module")
+def measured(comfy_root, tmp_path_factory):
+    proc = subprocess.run([sys.executable, str(CHECK), str(comfy_root)], capture_output=True, text=True,
+                          timeout=600, cwd=str(tmp_path_factory.mktemp("host_lora")))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_per_forward_lora_rides_the_low_rank_path(measured):
+    """The host's per-forward LoRA patch (LowVramPatch) on Q4_0 / NF4 / fp8 layers gives the host's own result
+    without the host ever forming the dense delta; a patch with a full-weight diff goes to the host, still exact."""
+    cases = measured["per_forward"]
+    assert len(cases) == 12
+    for c in cases:
+        assert c["lora_effect"] > 0.1, c  # the patch really changes the output
+        assert c["rel"] < 1e-5, c
+        assert c["host_calls"] == (1 if c["diff"] else 0), c
+
+
+def test_fp8_layer_merged_by_the_host_stays_fp8(measured):
+    """ModelPatcher's load-time merge on an fp8 layer: stored as fp8 again, with exactly the stochastic rounding
+    core's scaled-fp8 layers use (same seed, same scale), dequantizing to the merged weight within fp8 rounding;
+    unpatching brings the original bytes back."""
+    m = measured["fp8_merge"]
+    assert m["dtype"] == "torch.float8_e4m3fn" and m["quantized"]
+    assert m["equals_core_rounding"]
+    assert m["rel_vs_stored"] < 1e-6  # the forward reads what was stored
+    assert m["rel_vs_merged"] < 0.08  # e4m3: 3 mantissa bits
+    assert m["restored"]
