@@ -489,6 +489,8 @@ def run(args):
         configs.append(("core", f"bf16 + LoRA r{LORA_RANK} (core, merged)", with_lora(core("bf16"), "core")))
         for fmt in args.lora:
             configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (low-rank)", with_lora(ours(fmt), "ours")))
+            if "corelora" in args.include:  # core's LoRA loader on our model: the host's own patches
+                configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (core LoRA loader)", with_lora(ours(fmt), "core")))
             if "fused" in args.include and fmt != "fp8_e4m3fn_scaled":
                 configs.append(("ours", f"{fmt} + LoRA r{LORA_RANK} (merged in the dequant kernel)",
                                 with_lora(ours(fmt), "ours"), {FUSED_LORA_ENV: "1"}))
@@ -656,7 +658,8 @@ def add_parser(sub):
     p.add_argument("--include", nargs="*", default=["core", "upcast"],
                    help="extra rows: core (its fp8), upcast (our fp8 without the fp8 matmul), fused (our formats with "
                         "the fused small-batch matmul, KLV_FUSED_MATMUL=1, and LoRA merged in the dequant kernel, "
-                        "KLV_FUSED_LORA=1), rowwise (our fp8 with one activation scale per token, KLV_FP8_ROWWISE=1)")
+                        "KLV_FUSED_LORA=1), rowwise (our fp8 with one activation scale per token, KLV_FP8_ROWWISE=1), "
+                        "corelora (our --lora formats with core's LoRA loader instead of ours)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step per row: GPU time in quant kernels / matmul / attention / copies / "
                         "other, and idle gaps")

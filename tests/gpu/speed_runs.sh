@@ -4,20 +4,22 @@
 #
 #   COMFYUI_PATH=... GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh kernels  # exactness, fused kernels, tile sweep
 #   COMFYUI_PATH=... GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh ratios   # every ratio the targets name, one run
-#   COMFYUI_PATH=... GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh lora     # LoRA cost, the other formats
+#   COMFYUI_PATH=... bash tests/gpu/speed_runs.sh lora        # LoRA cost: our LoRA node and core's LoRA loader
+#   COMFYUI_PATH=... bash tests/gpu/speed_runs.sh fusedlora   # LoRA merged in the dequant kernel (opt-in)
+#   COMFYUI_PATH=... bash tests/gpu/speed_runs.sh others      # Q5_K, nf4 (+ fused small-batch matmul)
 #   COMFYUI_PATH=<v0.3.64> GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh ratios   # the same on v0.3.64
 #   COMFYUI_PATH=... GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh small    # an 8 GiB card (ballast), v0.29
 #   bash tests/gpu/speed_runs.sh compile   # torch.compile of every Triton path (kernel_check.py --quick)
 #
-# All of it is more than one session's 30 minutes of device time: run ratios, kernels, lora first (they decide
-# which opt-in kernels become defaults), then v0.3.64 ratios, small, compile.
+# All of it is more than one session's 30 minutes of device time: run ratios, kernels, lora, fusedlora first (they
+# decide which opt-in kernels become defaults), then v0.3.64 ratios, small, others, compile.
 #
 # COMFYUI_PATH: a ComfyUI checkout (v0.29 is the one to beat); GGUF_NODE_PATH: city96/ComfyUI-GGUF, for its rows.
 # "fused" rows switch on the opt-in kernels (KLV_FUSED_MATMUL, KLV_FUSED_LORA) for that row only, "rowwise" the
 # per-row fp8 activation scales (KLV_FP8_ROWWISE). `python tests/gpu/kernel_check.py --cpu-smoke` rehearses the
 # kernels part on a CPU; tests/integration/test_bench_smoke.py the bench flow.
 set -euo pipefail
-part=${1:?"usage: speed_runs.sh kernels|ratios|lora|small|compile"}
+part=${1:?"usage: speed_runs.sh kernels|ratios|lora|fusedlora|others|small|compile"}
 out=${OUT:-.}
 bench() { python3 -m kontext_lowvram.bench "$@" --profile --out "$out/bench-$part.md"; }
 
@@ -26,9 +28,15 @@ case "$part" in
     python3 tests/gpu/kernel_check.py --sweep --no-compile | tee "$out/kernels.md" ;;
   ratios)   # ~7 min: core bf16 / fp8, ours Q8_0 / Q4_K / fp8 (+ fused, + per-row fp8 scales), ComfyUI-GGUF Q8_0 / Q4_K
     bench --steps 4 --formats Q8_0 Q4_K fp8_e4m3fn_scaled --gguf-formats Q8_0 Q4_K --lora --include core fused rowwise ;;
-  lora)     # ~8 min: one rank-32 LoRA on core bf16 / ours (Q8_0, Q4_K, fp8: low-rank on the fp8 matmul) / ComfyUI-GGUF,
-            # and the other formats
-    bench --steps 4 --formats Q5_K nf4 --gguf-formats --lora Q8_0 Q4_K fp8_e4m3fn_scaled --include fused ;;
+  lora)     # ~8 min, 11 rows: one rank-32 LoRA on core bf16 and on ours (Q8_0, Q4_K, fp8: low-rank on the fp8
+            # matmul), through our LoRA node and through core's LoRA loader (its per-forward patches as low-rank
+            # deltas, or fp8 merged and requantized), each beside its LoRA-free row
+    bench --steps 4 --formats Q8_0 Q4_K fp8_e4m3fn_scaled --gguf-formats --lora Q8_0 Q4_K fp8_e4m3fn_scaled \
+      --include corelora ;;
+  fusedlora)  # ~7 min, 10 rows: the LoRA merged in the dequant kernel (KLV_FUSED_LORA) beside the default merge
+    bench --steps 4 --formats Q8_0 Q4_K --gguf-formats --lora Q8_0 Q4_K --include fused ;;
+  others)   # ~4 min, 5 rows: the remaining K-quant and nf4, with the fused small-batch matmul
+    bench --steps 4 --formats Q5_K nf4 --gguf-formats --lora --include fused ;;
   small)    # ~8 min: 8 GiB of VRAM left to the run (dynamic VRAM and offloading at work)
     bench --steps 3 --vram-gb 8 --formats Q8_0 Q4_K fp8_e4m3fn_scaled --gguf-formats Q8_0 Q4_K --lora \
       --include core ;;

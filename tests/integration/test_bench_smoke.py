@@ -1,9 +1,9 @@
 """`kontext-lowvram bench` runs its whole flow on a tiny model against this ComfyUI (measures nothing).
 
 The GPU session that produces BENCHMARKS.md has 30 minutes of device time; this runs the same code first: each
-row kind the speed runs use (core bf16 / fp8, ours with the opt-in kernels and per-row fp8 scales, a LoRA row,
-ComfyUI-GGUF when GGUF_NODE_PATH is set) and the profile, and checks every row produced a number and that the
-quantized outputs stay close to core bf16's on the same weights.
+row kind the speed runs use (core bf16 / fp8, ours with the opt-in kernels and per-row fp8 scales, a LoRA row through
+our node and one through core's LoRA loader, ComfyUI-GGUF when GGUF_NODE_PATH is set) and the profile, and checks
+every row produced a number and that the quantized outputs stay close to core bf16's on the same weights.
 """
 import os
 import re
@@ -14,7 +14,7 @@ import sys
 def test_bench_smoke_runs_every_row_kind(comfy_root, tmp_path):
     cmd = [sys.executable, "-m", "kontext_lowvram.bench", "--smoke", "--steps", "1", "--comfyui", str(comfy_root),
            "--formats", "Q8_0", "fp8_e4m3fn_scaled", "--lora", "Q8_0", "--include", "core", "fused", "rowwise",
-           "--profile", "--out", ""]  # the smoke table goes to stdout only
+           "corelora", "--profile", "--out", ""]  # the smoke table goes to stdout only
     gguf = os.environ.get("GGUF_NODE_PATH")
     cmd += ["--gguf-formats"] + (["Q8_0"] if gguf else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=str(tmp_path))
@@ -24,7 +24,8 @@ def test_bench_smoke_runs_every_row_kind(comfy_root, tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "s/step" not in line]
     labels = [" | ".join(c.strip() for c in r.strip("|").split("|")[:2]) for r in rows]
     want = ["core | bf16", "ours | Q8_0", "ours | Q8_0 (fused small-batch matmul)",
-            "ours | fp8_e4m3fn_scaled (per-row activation scale)", "ours | Q8_0 + LoRA r32 (low-rank)"]
+            "ours | fp8_e4m3fn_scaled (per-row activation scale)", "ours | Q8_0 + LoRA r32 (low-rank)",
+            "ours | Q8_0 + LoRA r32 (core LoRA loader)"]
     want += ["ComfyUI-GGUF | Q8_0"] if gguf else []
     for label in want:
         assert label in labels, (label, labels)
