@@ -177,8 +177,9 @@ def host_patch_low_rank(fn):
 
     The host applies a LoRA per forward (`comfy.model_patcher.LowVramPatch`: `calculate_weight` on the dense
     weight) to the layers it does not merge at load: low-VRAM layers, and every patched layer under v0.29's
-    dynamic VRAM. On a quantized layer that costs a full-size float32 delta each forward (~20 bytes per weight)
-    and takes fp8 layers off the fp8 matmul. As deltas, a core LoRA loader's patches ride our low-rank paths
+    dynamic VRAM. On a quantized layer that costs a full-size delta each forward (≈ 12 bytes of memory traffic
+    per weight in bf16, more in float32), from factors copied to the device each time, and takes fp8 layers off
+    the fp8 matmul. As deltas, a core LoRA loader's patches ride our low-rank paths
     instead. Read from the patcher's own patch list (never the transient `prepared_patches` copies) and cached on
     the patch object, which the host makes anew for each load: the factors are cast to the device once per load.
     """
