@@ -164,11 +164,10 @@ def patch_list_low_rank(patch_list):
         if not isinstance(entry, tuple) or len(entry) != 5:
             return None
         strength, value, strength_model, offset, function = entry
-        factors = None if isinstance(value, list) else lora_adapter_factors(value)
-        if factors is None or strength_model != 1.0 or function is not None or (offset is not None and offset[0] != 0):
+        delta = plain_lora_delta(value, strength, offset) if strength_model == 1.0 and function is None else None
+        if delta is None:
             return None
-        up, down, alpha = factors
-        deltas.append(LowRankDelta(up, down, alpha, strength, offset))
+        deltas.append(delta)
     return deltas
 
 
@@ -216,6 +215,16 @@ def lora_adapter_factors(patch):
     return up, down, (float(alpha) if alpha is not None else None)
 
 
+def plain_lora_delta(patch, strength, offset):
+    """A LowRankDelta for `patch` at `strength` when it is a plain LoRA (lora_adapter_factors) on the whole
+    weight or an output slice of it, else None: the one rule for what a low-rank delta can stand for."""
+    factors = lora_adapter_factors(patch)
+    if factors is None or (offset is not None and offset[0] != 0):
+        return None
+    up, down, alpha = factors
+    return LowRankDelta(up, down, alpha, strength, offset)
+
+
 def plan_low_rank(patches: dict, is_quantized_key) -> tuple[dict, dict]:
     """Split loaded LoRA patches into low-rank deltas for quantized weights and the rest.
 
@@ -227,10 +236,9 @@ def plan_low_rank(patches: dict, is_quantized_key) -> tuple[dict, dict]:
     low_rank, rest = {}, {}
     for key, patch in patches.items():
         weight_key, offset = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
-        factors = lora_adapter_factors(patch) if is_quantized_key(weight_key) else None
-        if factors is None or (offset is not None and offset[0] != 0):
+        delta = plain_lora_delta(patch, 1.0, offset) if is_quantized_key(weight_key) else None
+        if delta is None:
             rest[key] = patch
-            continue
-        up, down, alpha = factors
-        low_rank.setdefault(weight_key, []).append(LowRankDelta(up, down, alpha, 1.0, offset))
+        else:
+            low_rank.setdefault(weight_key, []).append(delta)
     return low_rank, rest

@@ -38,6 +38,11 @@ def is_quantized(module) -> bool:
     return getattr(module, "klv_qformat", None) is not None and module.weight.dtype in RAW_DTYPES
 
 
+def _aux_tensor(module, name):
+    """The module's aux buffer `name` (e.g. the fp8 scale), or None when its format has none."""
+    return getattr(module, AUX_PREFIX + name) if name in module.klv_aux_names else None
+
+
 def _aux(module, device):
     return {n: getattr(module, AUX_PREFIX + n).to(device, non_blocking=True) for n in module.klv_aux_names}
 
@@ -86,8 +91,7 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
-        scale = getattr(module, AUX_PREFIX + "scale") if "scale" in module.klv_aux_names else None
-        out = fp8_linear(x, raw, scale, bias)
+        out = fp8_linear(x, raw, _aux_tensor(module, "scale"), bias)
     elif not weight_fns and use_fused_small_matmul(module, raw, x):
         out = triton_matmul.linear(x, raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
                                    module.klv_qshape, bias)
@@ -212,15 +216,16 @@ def make_comfy_ops(fp8_matmul: bool = True):
                 if return_weight:
                     return weight
                 import comfy.float
-                fp8 = is_quantized(self) and self.klv_qformat == "fp8"
+                quantized = is_quantized(self)
+                fp8 = quantized and self.klv_qformat == "fp8"
                 if fp8:
                     # As core's scaled-fp8 layers: the merged weight goes back to fp8 under the layer's own
                     # scale (stochastic rounding), so a LoRA'd layer keeps fp8 memory and the fp8 matmul, and
                     # the host's restore of the raw weight alone brings the original back.
-                    scale = getattr(self, AUX_PREFIX + "scale", None) if "scale" in self.klv_aux_names else None
+                    scale = _aux_tensor(self, "scale")
                     if scale is not None:
                         weight = weight / scale.to(device=weight.device, dtype=weight.dtype)
-                dtype = self.weight.dtype if fp8 or not is_quantized(self) else torch.bfloat16
+                dtype = torch.bfloat16 if quantized and not fp8 else self.weight.dtype
                 value = comfy.float.stochastic_rounding(weight, dtype, seed=seed or 0)
                 if inplace_update and value.dtype == self.weight.dtype:
                     self.weight.data.copy_(value)
