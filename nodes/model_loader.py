@@ -57,6 +57,7 @@ class LowVRAMModelLoader:
         import comfy.sd
         import comfy.utils
 
+        from ..optimizations.lora_patcher import keep_quantized_under_lora
         from ..optimizations.ops import make_comfy_ops
 
         path = model_path(model_name)
@@ -70,6 +71,7 @@ class LowVRAMModelLoader:
         if model is None:
             raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
                                "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
+        keep_quantized_under_lora(model)  # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
         if torch_compile:
             # core's own helper: a per-model APPLY_MODEL wrapper, compiled lazily at sample time (no globals)
             from comfy_api.torch_helpers import set_torch_compile_wrapper

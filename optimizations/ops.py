@@ -20,6 +20,8 @@ from .quant import dequantize_raw, triton_dequant, triton_lora, triton_matmul
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_GGUF_TYPES = ("F16", "BF16", "F32")  # "dequantized" by reinterpreting the stored bytes
 AUX_PREFIX = "klv_aux_"
+# A core LoRA kept per forward on a GGUF/NF4 layer rides its weight Parameter (see lora_patcher.py)
+HOST_PATCH_ATTR = "klv_host_patch"
 
 
 def adopt_quantized_weight(module: torch.nn.Module, qt: QTensor) -> None:
@@ -148,7 +150,9 @@ def make_comfy_ops(fp8_matmul: bool = True):
 
     def cast_raw(module, input):
         """Move raw weight + bias to the compute device through the host's own cast path (pinning, offload
-        streams, dynamic VRAM); LoRA weight functions are held back and returned, to run after dequantization."""
+        streams, dynamic VRAM); LoRA weight functions are held back and returned, to run after dequantization.
+        A LoRA the host would have merged at load (lora_patcher) comes first, as a merged weight would."""
+        kept = getattr(module.weight, HOST_PATCH_ATTR, None)
         fns = list(module.weight_function)
         lowvram = getattr(module, "weight_lowvram_function", None)
         if fns:
@@ -166,7 +170,8 @@ def make_comfy_ops(fp8_matmul: bool = True):
                 module.weight_function = fns
             if lowvram is not None:
                 module.weight_lowvram_function = lowvram
-        return weight, bias, stream, fns + ([lowvram] if lowvram is not None else [])
+        held = ([kept] if kept is not None else []) + fns + ([lowvram] if lowvram is not None else [])
+        return weight, bias, stream, held
 
     class KontextLowVRAMOps(base):
         class Linear(base.Linear):
@@ -205,8 +210,9 @@ def make_comfy_ops(fp8_matmul: bool = True):
 
             # ModelPatcher's seam for patching weights it cannot read (comfy.model_patcher.get_key_weight):
             # it hands us a cast of the raw storage; we answer with the real values, then take the merged
-            # result back. A merged GGUF/NF4 weight stays dense (bf16) until the host restores its backup of
-            # the raw one; a merged fp8 weight is fp8 again.
+            # result back. A merged fp8 weight is fp8 again. GGUF/NF4 layers under our loader's patcher are not
+            # merged (lora_patcher keeps them quantized); under another patcher a merged one stays dense (bf16)
+            # until the host restores its backup of the raw one.
             def convert_weight(self, weight, inplace=False, **kwargs):
                 if not is_quantized(self):
                     return weight

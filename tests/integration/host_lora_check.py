@@ -7,6 +7,9 @@ test_host_lora_patches.py checks.
   application of that patch to the dequantized weight, and how often the host's calculate_weight ran. Once with a
   plain LoRA, once with a LoRA plus a full-weight diff (which only the host can apply).
 - "fp8_merge": ModelPatcher.patch_model (the host merges at load) on an fp8 layer, then unpatch_model.
+- "kept_quantized": the same load-time merge on Q4_0 / Q8_0 / NF4 layers under our loader's patcher
+  (lora_patcher.keep_quantized_under_lora): the raw bytes stay, the LoRA runs per forward; then the host's other
+  ways to un-merge (partially_unload, unpatch_model) and a clone at another strength.
 """
 import json
 import sys
@@ -30,7 +33,8 @@ def main(comfy_path):
     import comfy.utils
 
     from kontext_lowvram.optimizations import QTensor, dequantize, quantize
-    from kontext_lowvram.optimizations.ops import is_quantized, make_comfy_ops
+    from kontext_lowvram.optimizations.lora_patcher import keep_quantized_under_lora
+    from kontext_lowvram.optimizations.ops import HOST_PATCH_ATTR, is_quantized, make_comfy_ops
 
     string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
     calls = [0]
@@ -50,19 +54,19 @@ def main(comfy_path):
     diff = {"lin.weight": ("diff", (torch.randn(OUT_F, IN_F, generator=g) * 0.01,))}
     key = "lin.weight"
 
-    def patched_net(fmt, with_diff):
+    def patched_net(fmt, with_diff, strength=0.8):
         net = torch.nn.Module()
         net.lin = make_comfy_ops().Linear(IN_F, OUT_F)
         qt = quantize(w, fmt)
         net.lin._load_from_state_dict({"lin.weight": qt, "lin.bias": bias}, "lin.", {}, True, [], [], [])
-        patcher = comfy.model_patcher.ModelPatcher(net, load_device=torch.device("cpu"),
-                                                   offload_device=torch.device("cpu"))
-        patcher.add_patches(comfy.lora.load_lora(lora_sd, {"lin": key}), 0.8)
+        patcher = keep_quantized_under_lora(comfy.model_patcher.ModelPatcher(
+            net, load_device=torch.device("cpu"), offload_device=torch.device("cpu")))  # as our loader node
+        patcher.add_patches(comfy.lora.load_lora(lora_sd, {"lin": key}), strength)
         if with_diff:
             patcher.add_patches(diff, 1.0)
         return net, patcher, qt
 
-    result = {"per_forward": [], "fp8_merge": {}}
+    result = {"per_forward": [], "fp8_merge": {}, "kept_quantized": []}
     for fmt in ("Q4_0", "nf4", "fp8_e4m3fn_scaled"):
         for with_diff in (False, True):
             net, patcher, qt = patched_net(fmt, with_diff)
@@ -101,6 +105,43 @@ def main(comfy_path):
     }
     patcher.unpatch_model()
     result["fp8_merge"]["restored"] = bool(torch.equal(net.lin.weight.view(torch.uint8), raw_before.view(torch.uint8)))
+    for fmt in ("Q4_0", "Q8_0", "nf4"):
+        net, patcher, qt = patched_net(fmt, False)
+        raw_before = net.lin.weight.detach().clone()
+
+        def outputs(x, strength):
+            ref_patcher = patched_net(fmt, False, strength)[1]
+            merged = host_calculate(ref_patcher.patches[key], dequantize(qt, torch.float32), key)
+            return torch.nn.functional.linear(x, merged, bias)
+
+        def rel_to(out, ref):
+            return float((out - ref).norm() / ref.norm())
+
+        x = torch.randn(3 * IN_F, IN_F, generator=g)  # long enough for the merge-into-the-dequantized-weight path
+        plain = torch.nn.functional.linear(x, dequantize(qt, torch.float32), bias)
+        calls[0] = 0
+        patcher.patch_model()
+        case = {"fmt": fmt, "patch_calls": calls[0], "dtype": str(net.lin.weight.dtype),
+                "raw_kept": bool(torch.equal(net.lin.weight.detach(), raw_before)),
+                "tagged": getattr(net.lin.weight, HOST_PATCH_ATTR, None) is not None,
+                "clone_class_kept": type(patcher.clone()) is type(patcher)}
+        calls[0] = 0
+        case["rel_patched"] = rel_to(net.lin(x), outputs(x, 0.8))
+        case["forward_calls"] = calls[0]
+        case["lora_effect"] = rel_to(outputs(x, 0.8), plain)
+        patcher.partially_unload(torch.device("cpu"), 1e30)  # the host un-merges and re-patches per forward
+        case["rel_after_partial_unload"] = rel_to(net.lin(x), outputs(x, 0.8))
+        patcher.unpatch_model(torch.device("cpu"))
+        case["untagged_after_unpatch"] = getattr(net.lin.weight, HOST_PATCH_ATTR, None) is None
+        case["rel_after_unpatch"] = rel_to(net.lin(x), plain)
+        half = patcher.clone()
+        half.patches = {}
+        half.add_patches(comfy.lora.load_lora(lora_sd, {"lin": key}), 0.5)
+        half.patch_model()
+        case["rel_clone_half"] = rel_to(net.lin(x), outputs(x, 0.5))
+        half.unpatch_model(torch.device("cpu"))
+        case["raw_restored"] = bool(torch.equal(net.lin.weight.detach(), raw_before))
+        result["kept_quantized"].append(case)
     print(json.dumps(result))
 
 

@@ -39,3 +39,22 @@ def test_fp8_layer_merged_by_the_host_stays_fp8(measured):
     assert m["rel_vs_stored"] < 1e-6  # the forward reads what was stored
     assert m["rel_vs_merged"] < 0.08  # e4m3: 3 mantissa bits
     assert m["restored"]
+
+
+def test_lora_the_host_would_merge_keeps_gguf_and_nf4_quantized(measured):
+    """The classic ModelPatcher's load-time merge on Q4_0 / Q8_0 / NF4 layers under our loader's patcher: the
+    layer keeps its raw bytes (no dense copy the host did not plan for) and gives the host's own merged result
+    per forward without the host's dense math; partially_unload (host re-patches per forward) applies it once,
+    unpatch_model drops it, a clone at another strength applies its own."""
+    cases = measured["kept_quantized"]
+    assert [c["fmt"] for c in cases] == ["Q4_0", "Q8_0", "nf4"]
+    for c in cases:
+        assert c["dtype"] == "torch.uint8" and c["raw_kept"] and c["tagged"], c
+        assert c["clone_class_kept"], c
+        assert c["patch_calls"] == 0 and c["forward_calls"] == 0, c  # no dense merge at load, nor per forward
+        assert c["lora_effect"] > 0.1, c
+        assert c["rel_patched"] < 1e-5, c
+        assert c["rel_after_partial_unload"] < 1e-5, c  # once, not twice
+        assert c["untagged_after_unpatch"] and c["rel_after_unpatch"] < 1e-6, c
+        assert c["rel_clone_half"] < 1e-5, c
+        assert c["raw_restored"], c
