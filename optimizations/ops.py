@@ -100,7 +100,7 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     else:
         rows = x.numel() // max(x.shape[-1], 1)
         # merging costs a pass over the weight, < a pass over the output
-        merge = bool(low_rank) and rows > module.klv_qshape[1]
+        merge = len(low_rank) > 0 and rows > module.klv_qshape[1]
         weight = fused_lora_weight(module, raw, low_rank, x.dtype) if merge and not weight_fns else None
         if weight is not None:
             low_rank = []

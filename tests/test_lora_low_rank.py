@@ -209,3 +209,21 @@ def test_host_patches_beyond_plain_lora_stay_with_the_host(entry):
     host = HostPatch("w", {"w": [lora, entry]})
     low, other = split_low_rank([host])
     assert low == [] and other == [host]
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # output path; merged path
+def test_host_lora_patch_traces_without_graph_breaks(rows):
+    """torch.compile(fullgraph=True) through a core LoRA loader's per-forward patch on a quantized layer (the
+    deltas come from the patch's cache, as after the first step)."""
+    g = torch.Generator().manual_seed(7)
+    key = "blocks.0.qkv.weight"
+    patches = {key: [(0.7, adapter(torch.randn(96, 8, generator=g) * 0.1, torch.randn(8, 256, generator=g) * 0.1,
+                                   4.0), 1.0, None, None)]}
+    layer = QuantLinear(quantize(torch.randn(96, 256, generator=g) * 0.02, "Q8_0"))
+    layer.weight_function = [HostPatch(key, patches)]
+    x = torch.randn(rows, 256, generator=g)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+    assert layer.weight_function[0].calls == 0
