@@ -1,4 +1,6 @@
 """LowVRAMModelLoader: GGUF / FP8 / NF4 / bf16 FLUX diffusion models as an ordinary ComfyUI MODEL."""
+import inspect
+
 from ..loaders import CONVERSIONS, load_model_file
 from .model_files import find_file, list_files
 
@@ -49,31 +51,46 @@ class LowVRAMModelLoader:
                 "than upcasting, with activations rounded to fp8 (a small extra error). Off: always upcast."}),
             "torch_compile": ("BOOLEAN", {"default": False, "tooltip":
                 "Compile the diffusion model with torch.compile (Inductor) at the first sampling step, like core's "
-                "TorchCompileModel node. The first run takes a minute or more; later runs are faster. Needs a "
-                "working Triton/C++ toolchain."}),
+                "TorchCompileModel node (like it, the compiled model does without ComfyUI v0.29's dynamic VRAM). The "
+                "first run takes a minute or more; later runs are faster. Needs a working Triton/C++ toolchain."}),
         }}
 
     def load(self, model_name, compute_dtype="default", convert_on_load="none", fp8_matmul=True, torch_compile=False):
-        import comfy.sd
-        import comfy.utils
-
-        from ..optimizations.lora_patcher import keep_quantized_under_lora
-        from ..optimizations.ops import make_comfy_ops
-
-        path = model_path(model_name)
-        pbar = comfy.utils.ProgressBar(100)
-        sd, info = load_model_file(path, convert=convert_on_load,
-                                   progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
-        options = {"custom_operations": make_comfy_ops(fp8_matmul=bool(fp8_matmul))}
-        if torch_dtype(compute_dtype) is not None:
-            options["dtype"] = torch_dtype(compute_dtype)
-        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
-        if model is None:
-            raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
-                               "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
-        keep_quantized_under_lora(model)  # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
+        # compiled, it skips v0.29's dynamic VRAM, as core's TorchCompileModel does (clone(disable_dynamic=True))
+        model = load_model(model_path(model_name), convert_on_load, bool(fp8_matmul), compute_dtype,
+                           disable_dynamic=bool(torch_compile))
         if torch_compile:
             # core's own helper: a per-model APPLY_MODEL wrapper, compiled lazily at sample time (no globals)
             from comfy_api.torch_helpers import set_torch_compile_wrapper
             set_torch_compile_wrapper(model, backend="inductor")
         return (model,)
+
+
+def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
+    """The model file at `path` as a ComfyUI ModelPatcher built with our ops.
+
+    Also ComfyUI's way to load it again (`cached_patcher_init`, as core's load_diffusion_model sets): v0.29 asks
+    for a copy without dynamic VRAM (`clone(disable_dynamic=True)`: core's TorchCompileModel, hooks in the
+    conditioning, MultiGPU) by calling it with disable_dynamic=True, and raises when a model has none."""
+    import comfy.sd
+    import comfy.utils
+
+    from ..optimizations.lora_patcher import keep_quantized_under_lora
+    from ..optimizations.ops import make_comfy_ops
+
+    pbar = comfy.utils.ProgressBar(100)
+    sd, info = load_model_file(path, convert=convert_on_load,
+                               progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
+    options = {"custom_operations": make_comfy_ops(fp8_matmul=fp8_matmul)}
+    if torch_dtype(compute_dtype) is not None:
+        options["dtype"] = torch_dtype(compute_dtype)
+    kwargs = {}
+    if disable_dynamic and "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        kwargs["disable_dynamic"] = True  # v0.29+; older ComfyUI has no dynamic VRAM to disable
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, **kwargs)
+    if model is None:
+        raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
+                           "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
+    keep_quantized_under_lora(model)  # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
+    model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
+    return model

@@ -57,8 +57,8 @@ def _patch_per_forward(patcher, module, key):
 
 def keep_quantized_under_lora(patcher):
     """Make `patcher` (a ComfyUI ModelPatcher of a model built with our ops) and its clones keep GGUF / NF4 layers
-    quantized when a LoRA patches them. Changes this patcher's class to a subclass of its own class that only
-    overrides `patch_weight_to_device`; clones inherit it (`clone()` builds `self.__class__`)."""
+    quantized when a LoRA patches them. Changes this patcher's class to a subclass of its own class that overrides
+    `patch_weight_to_device`, and `clone` so that every clone is one too."""
     base = type(patcher)
     if getattr(base, "klv_keeps_quantized", False):
         return patcher
@@ -72,6 +72,10 @@ def keep_quantized_under_lora(patcher):
                     return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
                                                           **kwargs)
                 _patch_per_forward(self, module, key)
+
+            def clone(self, *args, **kwargs):
+                # v0.29's clone(disable_dynamic=True) builds a plain ModelPatcher: keep it ours too
+                return keep_quantized_under_lora(super().clone(*args, **kwargs))
 
         KeepQuantized.__name__ = KeepQuantized.__qualname__ = "KontextLowVRAM" + base.__name__
         _CLASSES[base] = KeepQuantized

@@ -10,6 +10,8 @@ test_host_lora_patches.py checks.
 - "kept_quantized": the same load-time merge on Q4_0 / Q8_0 / NF4 layers under our loader's patcher
   (lora_patcher.keep_quantized_under_lora): the raw bytes stay, the LoRA runs per forward; then the host's other
   ways to un-merge (partially_unload, unpatch_model) and a clone at another strength.
+- "non_dynamic_clone" (ComfyUI with dynamic VRAM only, else null): our loader's model asked for a copy without
+  dynamic VRAM, as core's TorchCompileModel does (clone(disable_dynamic=True)), then a core LoRA on that copy.
 """
 import json
 import sys
@@ -22,6 +24,42 @@ import torch  # noqa: E402
 from kontext_lowvram.bench import setup_comfy  # noqa: E402
 
 IN_F, OUT_F, RANK = 64, 48, 4
+
+
+def non_dynamic_clone(comfy_path):
+    """clone(disable_dynamic=True) of a model from our loader: ComfyUI loads it again through the model's
+    cached_patcher_init. A CPU patcher is never dynamic, so the patcher says it is, as on a GPU."""
+    import inspect
+
+    import comfy.lora
+    import comfy.sd
+
+    if "disable_dynamic" not in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        return None
+    from kontext_lowvram.nodes.model_loader import load_model
+    from kontext_lowvram.optimizations.ops import is_quantized
+
+    cfg = comfy_harness.flux_test_config(Path(comfy_path))
+    path = comfy_harness.write_flux_transformer(Path("klv_reload.safetensors").resolve(), cfg)
+    patcher = load_model(str(path), "q8_0")
+    patcher.is_dynamic = lambda: True
+    try:
+        plain = patcher.clone(disable_dynamic=True)
+    except Exception as e:  # v0.29 raises when the model has no cached_patcher_init
+        return {"error": repr(e)}
+
+    def raw(p):
+        return {n: m.weight.detach() for n, m in p.model.named_modules() if is_quantized(m)}
+
+    ours, theirs = raw(patcher), raw(plain)
+    lora = comfy.sd.load_lora_for_models(plain, None, comfy_harness.flux_lora_state_dict(cfg), 1.0, 0)[0]
+    lora.patch_model()
+    after = raw(lora)
+    return {"class": type(plain).__name__, "dynamic": plain.is_dynamic(), "fresh_model": plain.model is not patcher.model,
+            "quantized_layers": len(ours), "same_raw": sorted(ours) == sorted(theirs) and all(
+                torch.equal(ours[n], theirs[n]) for n in ours),
+            "reloader_kept": plain.cached_patcher_init == patcher.cached_patcher_init,
+            "lora_patches": len(lora.patches), "quantized_after_lora": sorted(after) == sorted(ours)}
 
 
 def main(comfy_path):
@@ -142,6 +180,7 @@ def main(comfy_path):
         half.unpatch_model(torch.device("cpu"))
         case["raw_restored"] = bool(torch.equal(net.lin.weight.detach(), raw_before))
         result["kept_quantized"].append(case)
+    result["non_dynamic_clone"] = non_dynamic_clone(comfy_path)
     print(json.dumps(result))
 
 

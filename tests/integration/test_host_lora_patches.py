@@ -58,3 +58,16 @@ def test_lora_the_host_would_merge_keeps_gguf_and_nf4_quantized(measured):
         assert c["untagged_after_unpatch"] and c["rel_after_unpatch"] < 1e-6, c
         assert c["rel_clone_half"] < 1e-5, c
         assert c["raw_restored"], c
+
+
+def test_non_dynamic_copy_of_our_model_loads_again_and_stays_ours(measured):
+    """v0.29 asks a dynamic-VRAM model for a copy without it (core's TorchCompileModel, hooks in the conditioning,
+    MultiGPU) through the model's cached_patcher_init, and raises without one. Ours loads the file again (same
+    conversion, same raw bytes) into our patcher class, so a core LoRA on the copy keeps GGUF layers quantized."""
+    c = measured["non_dynamic_clone"]
+    if c is None:
+        pytest.skip("this ComfyUI has no dynamic VRAM: nothing asks for a non-dynamic copy")
+    assert "error" not in c, c
+    assert c["class"] == "KontextLowVRAMModelPatcher" and not c["dynamic"] and c["fresh_model"], c
+    assert c["quantized_layers"] > 0 and c["same_raw"] and c["reloader_kept"], c
+    assert c["lora_patches"] > 0 and c["quantized_after_lora"], c
