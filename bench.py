@@ -406,8 +406,7 @@ def run(args):
     from .loaders.flux_layout import FLUX_DEV
     from .loaders.writers import to_safetensors_dict
     from .nodes.lora import apply_plan, plan_for_model
-    from .optimizations.lora_patcher import keep_quantized_under_lora
-    from .optimizations.ops import make_comfy_ops
+    from .nodes.model_loader import build_model
     from .optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
     from .optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
     from .optimizations.fp8_linear import ENV_ROWWISE
@@ -443,8 +442,7 @@ def run(args):
 
     def ours(fmt, fp8_matmul=True):
         def make():
-            return keep_quantized_under_lora(comfy.sd.load_diffusion_model_state_dict(
-                factory.state_dict(fmt), model_options={"custom_operations": make_comfy_ops(fp8_matmul=fp8_matmul)}))
+            return build_model(factory.state_dict(fmt), fp8_matmul=fp8_matmul)
         return make
 
     def gguf_node(fmt):

@@ -66,21 +66,14 @@ class LowVRAMModelLoader:
         return (model,)
 
 
-def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
-    """The model file at `path` as a ComfyUI ModelPatcher built with our ops.
-
-    Also ComfyUI's way to load it again (`cached_patcher_init`, as core's load_diffusion_model sets): v0.29 asks
-    for a copy without dynamic VRAM (`clone(disable_dynamic=True)`: core's TorchCompileModel, hooks in the
-    conditioning, MultiGPU) by calling it with disable_dynamic=True, and raises when a model has none."""
+def build_model(sd, fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
+    """A loaded state dict (QTensors and plain tensors) as a ComfyUI ModelPatcher built with our ops, whose core
+    LoRAs keep GGUF/NF4 layers quantized; None when ComfyUI does not recognise the architecture."""
     import comfy.sd
-    import comfy.utils
 
     from ..optimizations.lora_patcher import keep_quantized_under_lora
     from ..optimizations.ops import make_comfy_ops
 
-    pbar = comfy.utils.ProgressBar(100)
-    sd, info = load_model_file(path, convert=convert_on_load,
-                               progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
     options = {"custom_operations": make_comfy_ops(fp8_matmul=fp8_matmul)}
     if torch_dtype(compute_dtype) is not None:
         options["dtype"] = torch_dtype(compute_dtype)
@@ -88,9 +81,24 @@ def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="def
     if disable_dynamic and "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
         kwargs["disable_dynamic"] = True  # v0.29+; older ComfyUI has no dynamic VRAM to disable
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, **kwargs)
+    # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
+    return keep_quantized_under_lora(model) if model is not None else None
+
+
+def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
+    """The model file at `path` as a ComfyUI ModelPatcher built with our ops (build_model).
+
+    Also ComfyUI's way to load it again (`cached_patcher_init`, as core's load_diffusion_model sets): v0.29 asks
+    for a copy without dynamic VRAM (`clone(disable_dynamic=True)`: core's TorchCompileModel, hooks in the
+    conditioning, MultiGPU) by calling it with disable_dynamic=True, and raises when a model has none."""
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(100)
+    sd, info = load_model_file(path, convert=convert_on_load,
+                               progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
+    model = build_model(sd, fp8_matmul, compute_dtype, disable_dynamic)
     if model is None:
         raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
                            "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
-    keep_quantized_under_lora(model)  # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
     model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
     return model

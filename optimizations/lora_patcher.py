@@ -17,7 +17,7 @@ import collections
 
 import torch
 
-from .ops import FLOAT_GGUF_TYPES, HOST_PATCH_ATTR, is_quantized
+from .ops import HOST_PATCH_ATTR, is_quantized, stores_floats
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # the host's own backup record
 _CLASSES = {}
@@ -26,9 +26,7 @@ _CLASSES = {}
 def grows_when_merged(module) -> bool:
     """Whether a merged LoRA would store this layer in more bytes than its quantized weight (GGUF block quants,
     NF4)."""
-    if not is_quantized(module) or module.klv_qformat == "fp8":
-        return False
-    return not (module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES)
+    return is_quantized(module) and module.klv_qformat != "fp8" and not stores_floats(module)
 
 
 def _layer_to_keep_quantized(patcher, key, inplace_update, kwargs):

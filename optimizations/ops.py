@@ -40,6 +40,11 @@ def is_quantized(module) -> bool:
     return getattr(module, "klv_qformat", None) is not None and module.weight.dtype in RAW_DTYPES
 
 
+def stores_floats(module) -> bool:
+    """A float GGUF layer (F16/BF16/F32): its "dequantized" weight reinterprets the stored bytes."""
+    return module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES
+
+
 def _aux_tensor(module, name):
     """The module's aux buffer `name` (e.g. the fp8 scale), or None when its format has none."""
     return getattr(module, AUX_PREFIX + name) if name in module.klv_aux_names else None
@@ -110,7 +115,7 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
                 weight = f(weight)
             weight = weight.to(x.dtype)
             if merge:
-                if module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES:
+                if stores_floats(module):
                     weight = weight.clone()  # may be a view of the stored weight: never change that in place
                 merge_all(weight, low_rank)
                 low_rank = []
