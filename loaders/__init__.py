@@ -55,11 +55,12 @@ def convert_state_dict(sd, convert, info, progress=None):
     return out
 
 
-def quantize_state_dict(sd, fmt, progress=None):
-    """A copy of `sd` with the big block linears (keys.should_quantize) quantized to `fmt`, any format
-    `optimizations.quantize` takes ("Q5_1", "nf4", "fp8_e4m3fn_scaled", ...); other entries are shared."""
+def quantize_state_dict(sd, fmt, progress=None, select=should_quantize):
+    """A copy of `sd` with the entries `select(key, shape)` picks (default: the big block linears,
+    keys.should_quantize) quantized to `fmt`, any format `optimizations.quantize` takes ("Q5_1", "nf4",
+    "fp8_e4m3fn_scaled", ...); other entries are shared."""
     from ..optimizations import quantize
-    keys = [k for k, v in sd.items() if should_quantize(k, v.shape) and v.is_floating_point()]
+    keys = [k for k, v in sd.items() if select(k, v.shape) and v.is_floating_point()]
     out = dict(sd)
     for i, k in enumerate(keys):
         out[k] = quantize(sd[k], fmt)

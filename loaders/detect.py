@@ -13,8 +13,10 @@ def detect_container(path) -> str:
         head = f.read(16)
     if head[:4] == GGUF_MAGIC:
         return "gguf"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise ModelFileError(path, "is a PyTorch pickle/zip checkpoint", PICKLE_HINT)
+    # safetensors first: its first 8 bytes are the header length, whose low byte is 0x80 (a pickle's first byte)
+    # in one file of 256
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise ModelFileError(path, "is a PyTorch pickle/zip checkpoint", PICKLE_HINT)
     raise ModelFileError(path, "is neither GGUF nor safetensors", "use a .gguf or .safetensors model; " + PICKLE_HINT)

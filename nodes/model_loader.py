@@ -66,6 +66,24 @@ class LowVRAMModelLoader:
         return (model,)
 
 
+# Weights whose *shape* the host reads off the built module, so raw quantized storage (whose width is a byte count)
+# would give it a wrong answer: model_base.Flux.concat_cond (FLUX.1, Kontext, Fill, FLUX.2, Chroma) takes the
+# input channel count from img_in.weight.shape[1] — a Q8_0 img_in read as 68 bytes wide made Kontext concatenate a
+# zero image — and Flux control LoRAs widen img_in through a padded diff patch, which only a dense weight takes.
+# They are tiny (FLUX.1 img_in: 0.2 M values), so they are stored dense in float32, their exact values.
+HOST_READS_SHAPE = ("img_in.weight",)
+
+
+def dense_where_host_reads_shape(sd):
+    """`sd` with the quantized entries of HOST_READS_SHAPE dequantized (a new dict only when one changes)."""
+    from ..optimizations import QTensor, dequantize
+    import torch
+    hit = [k for k in HOST_READS_SHAPE if isinstance(sd.get(k), QTensor)]
+    if not hit:
+        return sd
+    return {**sd, **{k: dequantize(sd[k], torch.float32) for k in hit}}
+
+
 def build_model(sd, fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
     """A loaded state dict (QTensors and plain tensors) as a ComfyUI ModelPatcher built with our ops, whose core
     LoRAs keep GGUF/NF4 layers quantized; None when ComfyUI does not recognise the architecture."""
@@ -80,7 +98,7 @@ def build_model(sd, fp8_matmul=True, compute_dtype="default", disable_dynamic=Fa
     kwargs = {}
     if disable_dynamic and "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
         kwargs["disable_dynamic"] = True  # v0.29+; older ComfyUI has no dynamic VRAM to disable
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, **kwargs)
+    model = comfy.sd.load_diffusion_model_state_dict(dense_where_host_reads_shape(sd), model_options=options, **kwargs)
     # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
     return keep_quantized_under_lora(model) if model is not None else None
 

@@ -228,3 +228,29 @@ def test_full_kontext_graph_with_kontext_image_scale(comfy, write_format, flux_m
     ref = run_latent(comfy, H.unet_loader_node(flux_model.name), "kscale_core", kontext_scale=True)
     lat = run_latent(comfy, ours(write_format("nf4_bnb")), "kscale_ours", kontext_scale=True)
     assert 0 < rel(lat, ref) < FORMATS["nf4_bnb"][3]
+
+
+def every_2d_weight(key, shape):
+    return key.endswith(".weight") and len(shape) == 2
+
+
+@pytest.mark.parametrize("fmt", ["gguf_q8_0", "gguf_q4_0", "nf4_bnb", "fp8_e4m3fn_scaled"])
+def test_every_2d_tensor_quantized_runs_the_kontext_edit(comfy, original, exact_reference, fmt):
+    """Files as gguf-py and other producers make them: every 2-D tensor quantized, img_in, txt_in, time_in,
+    vector_in, guidance_in, final_layer and the modulations included. The host reads img_in's shape for the
+    channel count (Flux.concat_cond): a raw-byte width broke the Kontext graph. Reference: core's loader on an
+    fp32 file of exactly the values ours holds."""
+    suffix, quant, style, _ = FORMATS[fmt]
+    sd = quantize_state_dict(original, quant, select=every_2d_weight)
+    for key in ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "final_layer.linear.weight",
+                "final_layer.adaLN_modulation.1.weight", "double_blocks.0.img_mod.lin.weight"):
+        assert isinstance(sd[key], QTensor), key
+    name = f"klv_all2d_{fmt}{suffix}"
+    path = comfy.models_dir / "diffusion_models" / name
+    write_gguf(path, sd) if suffix == ".gguf" else write_safetensors(path, sd, fp8_style=style)
+    lat = run_latent(comfy, ours(name), f"all2d_{fmt}")
+    with exact_reference(sd, f"klv_all2d_{fmt}") as ref_name:
+        ref_lat = run_latent(comfy, H.unet_loader_node(ref_name), f"all2d_ref_{fmt}")
+    err = rel(lat, ref_lat)
+    print(f"{comfy.version} {fmt}, every 2-D tensor quantized: latent rel L2 vs the same values in fp32 {err:.2e}")
+    assert err < 1e-3
