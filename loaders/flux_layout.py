@@ -279,7 +279,7 @@ def detect_flux_config(shapes: Mapping[str, Any], *, strict: bool = True) -> Flu
         raise ValueError(
             f"incomplete FLUX transformer: {len(absent)} expected tensor(s) missing, e.g. {absent[:5]}"
         )
-    wrong = [(k, sd[k], s) for k, s in expected.items() if sd[k] != s and len(sd[k]) == len(s)]
+    wrong = [(k, sd[k], s) for k, s in expected.items() if sd[k] != s]  # rank too: a (N, 1) bias is no bias
     if wrong:
         k, got, want = wrong[0]
         raise ValueError(

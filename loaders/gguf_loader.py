@@ -23,11 +23,22 @@ def _field_str(reader, name):
         return None
 
 
-def _field_shape(reader, name):
-    field = reader.fields.get(name)
+ORIG_SHAPE = "comfy.gguf.orig_shape."  # city96's key for a tensor's logical shape where the stored one differs
+
+
+def _orig_shape(reader, tensor_name, path):
+    """The logical shape a file records for a tensor (city96's ARRAY of INT32), None if it records none."""
+    import gguf
+    field = reader.fields.get(ORIG_SHAPE + tensor_name)
     if field is None:
         return None
-    return torch.Size(int(field.parts[i][0]) for i in field.data)
+    ints = (gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT64, gguf.GGUFValueType.UINT64)
+    if len(field.types) != 2 or field.types[0] != gguf.GGUFValueType.ARRAY or field.types[1] not in ints:
+        raise ModelFileError(path, f"metadata {ORIG_SHAPE + tensor_name!r} is not an array of integers", REDOWNLOAD)
+    dims = tuple(int(field.parts[i][0]) for i in field.data)
+    if not 1 <= len(dims) <= 8 or min(dims) < 1:
+        raise ModelFileError(path, f"metadata {ORIG_SHAPE + tensor_name!r} holds an invalid shape {dims}", REDOWNLOAD)
+    return torch.Size(dims)
 
 
 def open_reader(path):
@@ -56,9 +67,16 @@ def read_tensors(reader, path, progress=None):
                 qtype = gq.qtype_of(int(t.tensor_type))
             except UnsupportedQuantType as e:
                 raise ModelFileError(path, f"tensor {t.name!r}: {e}", "requantize the model with a supported type") from None
-            shape = _field_shape(reader, f"comfy.gguf.orig_shape.{t.name}") or torch.Size(int(v) for v in reversed(t.shape))
+            stored = torch.Size(int(v) for v in reversed(t.shape))
+            shape = _orig_shape(reader, t.name, path) or stored
             data = np.asarray(t.data)
-            expected = int(np.prod(gq.byte_shape(tuple(shape), qtype))) if gq.is_quantized(qtype) else None
+            if shape.numel() != stored.numel():
+                raise ModelFileError(path, f"tensor {t.name!r}: recorded shape {tuple(shape)} does not hold the "
+                                     f"{stored.numel()} stored values {tuple(stored)}", REDOWNLOAD)
+            try:
+                expected = int(np.prod(gq.byte_shape(tuple(shape), qtype))) if gq.is_quantized(qtype) else None
+            except ValueError as e:  # a row that is not whole blocks
+                raise ModelFileError(path, f"tensor {t.name!r}: {e}", REDOWNLOAD) from None
             if expected is not None and data.nbytes != expected:
                 raise ModelFileError(path, f"tensor {t.name!r} has {data.nbytes} bytes, {qtype.name} {tuple(shape)} needs {expected}", REDOWNLOAD)
             raw = torch.from_numpy(data)

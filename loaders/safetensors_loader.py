@@ -1,6 +1,7 @@
 """Safetensors diffusion models: plain bf16/fp16/fp32, fp8 (plain, scaled, ComfyUI comfy_quant) and
 bitsandbytes NF4. Every quantized weight comes back as a QTensor; scale/statistics keys are folded into it."""
 import json
+import logging
 
 import torch
 
@@ -9,6 +10,8 @@ from ..optimizations.quant import nf4_parts_from_weight
 from ..optimizations.quant.fp8 import is_fp8
 from .errors import REDOWNLOAD, ModelFileError
 from .safetensors_header import read_header
+
+log = logging.getLogger("kontext_lowvram")
 
 SCALED_FP8_MARKER = "scaled_fp8"
 NF4_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -36,14 +39,24 @@ def _quant_layers(sd, metadata, path):
     layers = {}
     if "_quantization_metadata" in metadata:
         try:
-            layers.update(json.loads(metadata["_quantization_metadata"])["layers"])
+            table = json.loads(metadata["_quantization_metadata"])["layers"]
+            if not isinstance(table, dict):
+                raise TypeError(f"'layers' is a {type(table).__name__}, not an object")
+            layers.update(table)
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(path, f"corrupt _quantization_metadata ({e})", REDOWNLOAD) from None
     for k in [k for k in sd if k.endswith(".comfy_quant")]:
+        t = sd.pop(k)
         try:
-            layers[k[: -len(".comfy_quant")]] = json.loads(bytes(sd.pop(k).tolist()).decode("utf-8"))
+            if t.dtype != torch.uint8 or t.dim() != 1:
+                raise ValueError(f"a {t.dtype} tensor of shape {tuple(t.shape)}, not the 1-D uint8 JSON bytes")
+            layers[k[: -len(".comfy_quant")]] = json.loads(bytes(t.tolist()).decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ModelFileError(path, f"corrupt comfy_quant entry {k!r} ({e})", REDOWNLOAD) from None
+    for layer, conf in layers.items():
+        if not isinstance(conf, dict):
+            raise ModelFileError(path, f"comfy_quant config of layer {layer!r} is a {type(conf).__name__}, not an object",
+                                 REDOWNLOAD)
     return layers
 
 
@@ -60,6 +73,25 @@ def _fold_nf4(sd, path):
     for k in [k for k in sd if nf4.is_bnb_nf4_key(k)]:
         del sd[k]
     return len(weights)
+
+
+def _weight_scale(scale, layer, path):
+    """A layer's fp8 weight scale as a float32 scalar, checked: one element, finite and not 0 (either turns the
+    whole layer into NaN or zeros); a negative one flips the layer's sign, which no converter writes: warned."""
+    if scale.numel() != 1:
+        raise ModelFileError(path, f"layer {layer!r} has a {scale.numel()}-element weight scale",
+                             "only per-tensor fp8 scales are supported: use a per-tensor scaled fp8, GGUF or NF4 file")
+    if not scale.is_floating_point():
+        raise ModelFileError(path, f"layer {layer!r} has a {scale.dtype} weight scale, not a float", REDOWNLOAD)
+    value = scale.to(torch.float32).reshape(())
+    if not torch.isfinite(value) or value == 0:
+        raise ModelFileError(path, f"layer {layer!r} has weight scale {value.item()} (the layer would be NaN or 0)",
+                             REDOWNLOAD)
+    if value < 0:
+        log.warning(
+            "Kontext LowVRAM: %s: layer %r has a negative fp8 weight scale (%g); loaded as stored", path, layer,
+            value.item())
+    return value
 
 
 def read_safetensors(path, progress=None):
@@ -95,9 +127,7 @@ def read_safetensors(path, progress=None):
             scale = sd.pop(layer + ".scale_weight", None)
         sd.pop(layer + ".input_scale", None)  # activation scales only matter to fp8 matmul kernels
         sd.pop(layer + ".scale_input", None)
-        aux = {"scale": scale.to(torch.float32).reshape(())} if scale is not None else {}
-        if scale is not None and scale.numel() != 1:
-            raise ModelFileError(path, f"layer {layer!r} has a {scale.numel()}-element weight scale; only per-tensor scales are supported")
+        aux = {"scale": _weight_scale(scale, layer, path)} if scale is not None else {}
         sd[key] = QTensor(w, qformat="fp8", shape=w.shape, aux=aux)
         n_quant += 1
         n_scaled += scale is not None

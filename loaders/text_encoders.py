@@ -136,22 +136,49 @@ def t5_config(sd, path=None) -> dict:
         raise ModelFileError(path, "has T5 tensors of unexpected rank", REDOWNLOAD) from None
     if gate is None:
         raise ModelFileError(path, "is a T5 v1.0 encoder (no gated feed-forward)", "FLUX uses T5 v1.1 XXL: " + _WRONG_FILE_FIX)
+    if len(sd[T5_MARK].shape) != 2 or len(gate.shape) != 2 or len(final_norm.shape) != 1 or min(heads, inner, d_model) < 1:
+        raise ModelFileError(path, "has T5 tensors of unexpected rank or zero size", REDOWNLOAD)
     layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
     if vocab != T5_XXL["vocab_size"]:
         raise ModelFileError(path, f"is a T5 with a {vocab}-token vocabulary (UMT5/mT5?), FLUX's T5 tokenizer has {T5_XXL['vocab_size']}",
                              _WRONG_FILE_FIX)
     if final_norm.shape[0] != d_model or inner % heads:
         raise ModelFileError(path, "has inconsistent T5 tensor shapes", REDOWNLOAD)
-    return {"d_model": int(d_model), "d_ff": int(gate.shape[0]), "d_kv": int(inner // heads), "num_heads": int(heads),
-            "num_layers": layers, "vocab_size": int(vocab), "relative_attention_num_buckets": int(buckets)}
+    config = {"d_model": int(d_model), "d_ff": int(gate.shape[0]), "d_kv": int(inner // heads), "num_heads": int(heads),
+              "num_layers": layers, "vocab_size": int(vocab), "relative_attention_num_buckets": int(buckets)}
+    _check_shapes(sd, t5_tensor_shapes(config), path)
+    return config
+
+
+def _check_shapes(sd, expected, path):
+    """Every tensor the layout knows has its shape (rank included), so a damaged file fails here, naming the file
+    and the tensor, instead of inside ComfyUI's state-dict load at the first prompt. Keys the layout does not
+    know (tied copies, position ids) are left to ComfyUI."""
+    for k, want in expected.items():
+        if k in sd and tuple(sd[k].shape) != tuple(want):
+            raise ModelFileError(path, f"tensor {k!r} has shape {tuple(sd[k].shape)}, this encoder needs {tuple(want)}",
+                                 REDOWNLOAD)
 
 
 def _clip_l_check(sd, path):
     """CLIP-L is 768 wide; CLIP-G (1280, SDXL) and CLIP-H (1024, SD2) are the usual wrong picks."""
-    width = sd[OPEN_CLIP_MARK].shape[0] if OPEN_CLIP_MARK in sd else sd[CLIP_L_MARK].shape[1]
+    mark = sd[OPEN_CLIP_MARK] if OPEN_CLIP_MARK in sd else sd[CLIP_L_MARK]
+    if len(mark.shape) != (1 if OPEN_CLIP_MARK in sd else 2):
+        raise ModelFileError(path, f"CLIP tensor has shape {tuple(mark.shape)}: unexpected rank", REDOWNLOAD)
+    width = mark.shape[0] if OPEN_CLIP_MARK in sd else mark.shape[1]
     if width != CLIP_L["hidden_size"]:
         kind = {1280: "CLIP-G (SDXL)", 1024: "CLIP-H (SD2)"}.get(width, f"a {width}-wide CLIP")
         raise ModelFileError(path, f"is {kind}, not CLIP-L (768 wide)", _WRONG_FILE_FIX)
+    if OPEN_CLIP_MARK in sd:
+        return  # ComfyUI converts the open_clip layout itself
+    try:
+        config = {"intermediate_size": int(mark.shape[0]), "num_hidden_layers": 0,
+                  "vocab_size": int(sd["text_model.embeddings.token_embedding.weight"].shape[0]),
+                  "max_position_embeddings": int(sd["text_model.embeddings.position_embedding.weight"].shape[0])}
+    except (KeyError, IndexError) as e:
+        raise ModelFileError(path, f"is an incomplete or damaged CLIP-L encoder ({type(e).__name__}: {e})", REDOWNLOAD) from None
+    config["num_hidden_layers"] = len({k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layers.")})
+    _check_shapes(sd, clip_l_tensor_shapes(config), path)
 
 
 def detect_kind(sd, path=None) -> str:

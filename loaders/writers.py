@@ -1,17 +1,20 @@
 """Writers for every format we read (used by the converter, the CLI demo and tests). Outputs are written to a
 temporary name and renamed into place, so an interrupted write never leaves a half-written model behind."""
 import json
+import math
 import os
 import uuid
 
 import torch
 
 from ..optimizations.qtensor import QTensor
+from .gguf_loader import ORIG_SHAPE
 
 FP8_STYLES = ("scaled", "comfy_quant")
 
 
 PARTIAL = ".partial"
+GGUF_MAX_DIMS = 4  # ggml's limit; a tensor of more dims is stored as rows with its shape in ORIG_SHAPE
 
 
 def atomic_write(path, write):
@@ -34,22 +37,36 @@ def write_gguf(path, sd, arch="flux", progress=None):
     import gguf
     import numpy as np
 
+    from ..optimizations.quant import gguf as gq
+
     def write(tmp):
         w = gguf.GGUFWriter(tmp, arch=arch)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for i, (k, t) in enumerate(sd.items()):
+            shape = tuple(t.shape)  # logical
+            if not shape:
+                raise ValueError(f"{k}: a 0-d tensor cannot be stored in GGUF")
+            stored = shape
+            if len(shape) > GGUF_MAX_DIMS:  # stored as rows; the logical shape goes in the metadata
+                stored = (math.prod(shape) // shape[-1], shape[-1])
+                w.add_array(ORIG_SHAPE + k, [int(d) for d in shape])
             if isinstance(t, QTensor):
                 if t.qformat != "gguf":
                     raise ValueError(f"{k}: {t.quant_name} cannot be stored in GGUF; quantize it to a GGUF type")
                 qtype = gguf.GGMLQuantizationType[t.meta["qtype"]]
-                w.add_tensor(k, t.raw.contiguous().numpy(), raw_dtype=qtype)
+                # bytes in rows of the logical shape, so gguf-py (and every reader) gets that shape back
+                byte_rows = gq.byte_shape(stored, t.meta["qtype"])
+                raw = t.raw.contiguous().view(torch.uint8)
+                if raw.numel() != math.prod(byte_rows):
+                    raise ValueError(f"{k}: {raw.numel()} raw bytes do not hold {t.quant_name} {shape}")
+                w.add_tensor(k, raw.reshape(byte_rows).numpy(), raw_dtype=qtype)
             elif t.dtype == torch.bfloat16:
-                w.add_tensor(k, t.contiguous().view(torch.uint8).numpy().reshape(*t.shape[:-1], -1),
+                w.add_tensor(k, t.contiguous().reshape(stored).view(torch.uint8).numpy(),
                              raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 dt = np.float16 if t.dtype == torch.float16 else np.float32
-                w.add_tensor(k, t.to(torch.float16 if dt is np.float16 else torch.float32).numpy())
+                w.add_tensor(k, t.to(torch.float16 if dt is np.float16 else torch.float32).reshape(stored).numpy())
             if progress:
                 progress(i + 1, len(sd))
         w.write_header_to_file()

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .common import QuantDataError, UnsupportedQuantType
+
+log = logging.getLogger("kontext_lowvram")
 
 __all__ = [
     "NF4Weight", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "to_bnb_state_dict",
@@ -294,6 +297,26 @@ def _check_numel(t: torch.Tensor, expected: int, key: str, what: str):
         raise QuantDataError(f"{key!r} has {t.numel()} elements, expected {expected} ({what})")
 
 
+def check_statistics(q: NF4Weight, weight_key: str) -> NF4Weight:
+    """Reject block scales (absmax, after undoing double quantization) and code tables that are NaN / infinite,
+    and a layer whose every scale is 0: each turns the whole layer into NaN or zeros. A negative scale flips its
+    block's sign, which bitsandbytes never writes: warned, not rejected."""
+    tables = {".quant_map": q.code, ".nested_absmax": q.nested_absmax, ".nested_quant_map": q.nested_code}
+    for suffix, t in tables.items():
+        if t is not None and not torch.isfinite(t.to(torch.float32)).all():
+            raise QuantDataError(f"{weight_key + suffix!r} holds NaN or infinite values")
+    absmax = _block_absmax(q, q.absmax.device)
+    if not torch.isfinite(absmax).all():
+        raise QuantDataError(f"{weight_key + '.absmax'!r} holds NaN or infinite block scales")
+    if absmax.numel() and not absmax.any():
+        raise QuantDataError(f"{weight_key + '.absmax'!r}: every block scale is 0 (the layer would be all zeros)")
+    if (absmax < 0).any():
+        log.warning(
+            "Kontext LowVRAM: %s has negative NF4 block scales (bitsandbytes writes none); loaded as stored",
+            weight_key)
+    return q
+
+
 def from_bnb_state_dict(sd: dict, weight_key: str) -> NF4Weight:
     """Gather the bitsandbytes NF4 entries of ``weight_key`` (e.g. "double_blocks.0.img_attn.qkv.weight") from a
     state dict (any mapping with ``in`` and ``[]``). Tensors stay on their device.
@@ -333,7 +356,7 @@ def from_bnb_state_dict(sd: dict, weight_key: str) -> NF4Weight:
             raise QuantDataError(f"{weight_key + '.absmax'!r} is {absmax.dtype} but the quant state has no nested "
                                  "(double quantization) fields")
         q.absmax = q.absmax.to(torch.float32)
-        return q
+        return check_statistics(q, weight_key)
     nested_absmax = _require(sd, nested_key, weight_key)
     nested_code = _require(sd, weight_key + ".nested_quant_map", weight_key)
     nested_blocksize = _qs_field(qs, "nested_blocksize", int, qs_key)
@@ -346,4 +369,4 @@ def from_bnb_state_dict(sd: dict, weight_key: str) -> NF4Weight:
     q.nested_code = nested_code.reshape(-1).to(torch.float32)
     q.nested_offset = float(nested_offset)
     q.nested_blocksize = nested_blocksize
-    return q
+    return check_statistics(q, weight_key)
