@@ -25,7 +25,11 @@ def quantize(t: torch.Tensor, fmt: str) -> QTensor:
         from .quant import nf4, nf4_parts_from_weight
         raw, meta, aux = nf4_parts_from_weight(nf4.quantize_nf4(t))
         return QTensor(raw, qformat="nf4", shape=t.shape, meta=meta, aux=aux)
-    from .quant import gguf
+    try:
+        from .quant import gguf
+    except ImportError:
+        raise ImportError(f"quantizing to the GGUF type {fmt!r} needs the 'gguf' Python package: pip install gguf "
+                          "(into the Python that runs ComfyUI)") from None
     qtype = gguf.qtype_of(fmt)
     return QTensor(gguf.quantize(t, qtype), qformat="gguf", shape=t.shape, meta={"qtype": qtype.name})
 

@@ -35,7 +35,7 @@ import struct
 
 import torch
 
-from . import gguf as _gguf
+from .common import QuantDataError
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_DISABLE = "KLV_NO_TRITON"
@@ -72,8 +72,16 @@ INTERPRET_TILE = 16384
 
 _ASSUME_CONSTANT = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
 # type ids of the supported types (GGMLQuantizationType is an IntEnum): resolved without enum machinery, which
-# torch.compile does not trace on every torch version
-_NAME_BY_ID = {int(_gguf.Q[name]): name for name in SUPPORTED}
+# torch.compile does not trace on every torch version. Filled on first use: the gguf package is needed for GGUF
+# files alone, and fp8 / NF4 models reach this module without it.
+_NAME_BY_ID: dict = {}
+
+
+def _name_by_id() -> dict:
+    if not _NAME_BY_ID:
+        from gguf import GGMLQuantizationType
+        _NAME_BY_ID.update({int(GGMLQuantizationType[name]): name for name in SUPPORTED})
+    return _NAME_BY_ID
 
 __all__ = ["SUPPORTED", "available", "supports_gguf", "dequantize_gguf", "dequantize_nf4", "dequantize_fp8"]
 
@@ -127,7 +135,7 @@ def _kernel_name(qtype):
     if isinstance(qtype, bool):
         return None
     try:
-        return _NAME_BY_ID.get(int(qtype))
+        return _name_by_id().get(int(qtype))
     except (TypeError, ValueError):
         return None
 
@@ -281,20 +289,21 @@ def dequantize_gguf(raw: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.
     than bf16/fp16/fp32 go to the torch reference."""
     name = _kernel_name(qtype)
     if name is None or dtype not in OUT_DTYPES:
-        return _gguf.dequantize(raw, qtype, shape, dtype)
+        from . import gguf
+        return gguf.dequantize(raw, qtype, shape, dtype)
     block, type_size = GGUF_LAYOUT[name][1:3]
     dims = tuple(int(s) for s in shape)
     if not dims or any(s < 0 for s in dims):
-        raise _gguf.QuantDataError(f"Invalid tensor shape {dims}: need at least one non-negative dimension")
+        raise QuantDataError(f"Invalid tensor shape {dims}: need at least one non-negative dimension")
     if dims[-1] % block:
-        raise _gguf.QuantDataError(
+        raise QuantDataError(
             f"Row size {dims[-1]} of shape {dims} is not a multiple of the {name} block size {block}")
     if raw.dtype not in (torch.uint8, torch.int8):
-        raise _gguf.QuantDataError(f"{name} data must be uint8, got a {raw.dtype} tensor")
+        raise QuantDataError(f"{name} data must be uint8, got a {raw.dtype} tensor")
     expected = math.prod(dims) // block * type_size
     if raw.numel() != expected:
         got = raw.numel()
-        raise _gguf.QuantDataError(f"{name} tensor of shape {dims}: expected {expected} bytes, got {got} bytes"
+        raise QuantDataError(f"{name} tensor of shape {dims}: expected {expected} bytes, got {got} bytes"
                                    + (" (truncated data?)" if got < expected else ""))
     flat = raw.reshape(-1)
     if flat.dtype != torch.uint8:
