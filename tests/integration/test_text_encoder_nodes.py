@@ -111,20 +111,21 @@ def server(comfy_root):
         s.cleanup()
 
 
-def ours(t5_name, device="auto", cache=True, cache_max_mb=2048, guidance=2.5, prefix="ours"):
+def ours(t5_name, device="auto", cache=True, cache_max_mb=2048, guidance=2.5, prefix="ours", clip_l=CLIP_TEXT,
+         t5xxl=T5_TEXT):
     return {
         "te": H.node("LowVRAMTextEncoderLoader", clip_l_name=CLIP_L_FILE, t5xxl_name=t5_name, device=device),
-        "enc": H.node("LowVRAMTextEncode", clip=["te", 0], clip_l=CLIP_TEXT, t5xxl=T5_TEXT, guidance=guidance,
+        "enc": H.node("LowVRAMTextEncode", clip=["te", 0], clip_l=clip_l, t5xxl=t5xxl, guidance=guidance,
                       cache=cache, cache_max_mb=cache_max_mb),
         "save": H.node("KLVTestSaveConditioning", conditioning=["enc", 0], filename_prefix=f"{prefix}/c"),
     }
 
 
-def core(t5_name, prefix="core"):
+def core(t5_name, prefix="core", clip_l=CLIP_TEXT, t5xxl=T5_TEXT):
     return {
         "core_te": H.node("KLVTestCoreFluxTextEncoders", clip_name1=CLIP_L_FILE, clip_name2=t5_name,
                           t5_config=json.dumps(TINY_T5)),
-        "core_enc": H.node("CLIPTextEncodeFlux", clip=["core_te", 0], clip_l=CLIP_TEXT, t5xxl=T5_TEXT, guidance=2.5),
+        "core_enc": H.node("CLIPTextEncodeFlux", clip=["core_te", 0], clip_l=clip_l, t5xxl=t5xxl, guidance=2.5),
         "core_save": H.node("KLVTestSaveConditioning", conditioning=["core_enc", 0], filename_prefix=f"{prefix}/c"),
     }
 
@@ -150,9 +151,18 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def cache_dir(server):
+    return server.base_dir / "user" / "kontext_lowvram" / "cond_cache"
+
+
 def cache_files(server):
-    d = server.base_dir / "user" / "kontext_lowvram" / "cond_cache"
+    d = cache_dir(server)
     return sorted(d.glob("*.safetensors")) if d.is_dir() else []
+
+
+def cache_warnings(log):
+    return [line for line in log.splitlines() if "Kontext LowVRAM conditioning cache:" in line
+            and any(w in line for w in ("not stored", "corrupt", "skipped"))]
 
 
 def test_nodes_registered(server):
@@ -228,6 +238,39 @@ def test_cache_survives_a_restart(server, first_run):
     out, log = run_logged(server, ours(T5["bf16"], prefix="restart"))
     assert HIT in log and LOADING not in log
     assert torch.equal(saved(server, out, "save")[0], first_run["ours"][0])
+
+
+def test_cache_folder_that_is_a_file_never_fails_a_prompt(server, first_run):
+    d = cache_dir(server)
+    kept = d.with_name("cond_cache.kept")
+    d.rename(kept)
+    d.write_bytes(b"a file where the cache folder should be")
+    try:
+        out, log = run_logged(server, ours(T5["bf16"], cache_max_mb=2046, prefix="dirfile"))
+        assert torch.equal(saved(server, out, "save")[0], first_run["ours"][0])
+        (line,) = cache_warnings(log)  # one line saying why, no traceback
+        assert "not stored" in line and "FileExistsError" in line and "Traceback" not in log
+    finally:
+        d.unlink()
+        kept.rename(d)
+
+
+ODD_CLIP = CLIP_TEXT + " \ud800 \U0001F98A"  # a lone surrogate (half of a UTF-16 pair), then an emoji
+ODD_T5 = T5_TEXT + " \u200f\u05e2\u05d1\u05e8\u05d9\u05ea \x00 \u202e!"  # RTL marks, Hebrew, NUL
+
+
+def test_odd_prompts_encode_like_core_and_are_cached(server):
+    """The host's tokenizers reject a lone surrogate (a bare TypeError from HF tokenizers, also in core's
+    CLIPTextEncodeFlux); ours encodes U+FFFD in its place, says so, and caches the result like any prompt."""
+    fixed = ODD_CLIP.replace("\ud800", "\ufffd")
+    out, log = run_logged(server, {**ours(T5["bf16"], cache_max_mb=2045, prefix="odd", clip_l=ODD_CLIP, t5xxl=ODD_T5),
+                                   **core(T5["bf16"], prefix="oddcore", clip_l=fixed, t5xxl=ODD_T5)})
+    (c, p, _), (rc, rp, _) = saved(server, out, "save"), saved(server, out, "core_save")
+    assert torch.equal(c, rc) and torch.equal(p, rp)
+    assert "the clip_l prompt holds 1 invalid character" in log and "Traceback" not in log
+    assert not cache_warnings(log)
+    out, log = run_logged(server, ours(T5["bf16"], cache_max_mb=2044, prefix="oddhit", clip_l=fixed, t5xxl=ODD_T5))
+    assert HIT in log and torch.equal(saved(server, out, "save")[0], c)
 
 
 def test_gguf_llamacpp_t5_matches_core_on_its_values(server):
