@@ -19,6 +19,7 @@ import tempfile
 import pytest
 import torch
 
+from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_lora as tlr
 from kontext_lowvram.optimizations.quant import triton_matmul as tm
@@ -80,19 +81,19 @@ def kernels():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("qtype", sorted(td.SUPPORTED))
+@pytest.mark.parametrize("qtype", sorted(gq.BLOCK_TYPES_BY_NAME))
 def test_gguf_kernels_compile(kernels, qtype, arch):
-    qt, block, type_size, sub, width = td.GGUF_LAYOUT[qtype]
-    layout = dict(QT=qt, BLOCK=block, TS=type_size, S=sub, W=width)
-    nb, warps = td.GGUF_CONFIG[qtype]
+    row = gq.BLOCK_TYPES_BY_NAME[qtype]
+    layout = dict(QT=row.kernel, BLOCK=row.block, TS=row.type_size, S=row.sub, W=row.width)
+    nb, warps = row.dequant_tile
     for dtype in _dtypes(arch, td.OUT_DTYPES):
         _check(_compile(kernels.dequant_gguf, ["*u8", PTR[dtype], "i32"], dict(layout, NB=nb, BF16_BITS=False),
                         arch, warps))
-    bn, kb, warps = tm.GGUF_MATMUL_CONFIG[qtype]
+    bn, kb, warps = row.matmul_tile
     for dtype in _dtypes(arch, tm.DTYPES):
         _check(_compile(kernels.matmul_gguf, [PTR[dtype], "*u8", PTR[dtype], PTR[dtype], "i32", "i32", "i32", "i32"],
                         dict(layout, BN=bn, KB=kb, HAS_BIAS=True, BF16_BITS=False), arch, warps))
-    bn, kb, warps = tlr.GGUF_LORA_CONFIG[qtype]
+    bn, kb, warps = row.lora_tile
     for dtype in _dtypes(arch, (torch.bfloat16, torch.float32)):  # fp16 compiles as bf16 does
         for rc in ((16, 32) if arch == 90 and dtype == torch.bfloat16 else (32,)):  # ranks per dot (_rank_tile)
             _check(_compile(kernels.dequant_lora_gguf, ["*u8", PTR[dtype], PTR[dtype], PTR[dtype], "i32", "i32",

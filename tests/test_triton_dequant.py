@@ -5,6 +5,7 @@ for non-CUDA tensors by itself, whatever TRITON_INTERPRET says), so they need th
 are skipped where triton is not installed. On a CUDA machine the same tests also run the compiled kernels.
 The dispatch tests need neither. tests/gpu/kernel_check.py checks the compiled kernels at full FLUX sizes.
 """
+import gguf
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from kontext_lowvram.optimizations.quant import (dequantize_raw, nf4_parts_from_
 from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4
 
-TYPES = sorted(td.SUPPORTED)
+TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 DTYPES = list(td.OUT_DTYPES)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and td.available("cuda") else [])
 
@@ -98,11 +99,29 @@ def test_gguf_errors_and_fallbacks(triton):
         td.dequantize_gguf(raw, "Q4_K", (2, 100), torch.float32)
     # No kernel for the type or the dtype: the torch reference answers.
     f16 = (torch.randn(2, 256, generator=torch.Generator().manual_seed(0))).half().view(torch.uint8)
-    assert td._kernel_name("F16") is None  # every block type has a kernel; float types do not
+    assert td.block_row("F16") is None  # every block type has a kernel; float types do not
     assert torch.equal(td.dequantize_gguf(f16, "F16", (2, 256), torch.bfloat16),
                        gq.dequantize(f16, "F16", (2, 256), torch.bfloat16))
     assert torch.equal(td.dequantize_gguf(raw, "Q4_K", (2, 256), torch.float64),
                        gq.dequantize(raw, "Q4_K", (2, 256), torch.float64))
+
+
+def test_registry_rows_and_unknown_ids():
+    """One row per block type: unique Triton decoder ids, geometry from gguf-py; an id with no row is refused
+    by name in Python and fails in the kernel instead of decoding as another type."""
+    rows = list(gq.BLOCK_TYPES.values())
+    assert sorted(r.kernel for r in rows) == list(range(len(rows)))
+    for r in rows:
+        assert (r.block, r.type_size) == gguf.GGML_QUANT_SIZES[r.qtype]
+        assert r.sub * r.width == r.block and gq.block_type(r.name) is r is gq.block_type(int(r.qtype))
+    with pytest.raises(gq.UnsupportedQuantType, match="9999"):
+        gq.block_type(9999)
+    assert td.block_row(9999) is None and td.block_row("Q9_9") is None
+    kernels = td._kernels(interpret=True)
+    raw, out = torch.zeros(34, dtype=torch.uint8), torch.empty(32)
+    with pytest.raises(Exception, match="no decoder for this quant type id"):
+        td._launch(kernels.dequant_gguf, True, (1,), raw, out, 1, QT=len(rows), BLOCK=32, TS=34, S=1, W=32, NB=1,
+                   BF16_BITS=False, num_warps=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

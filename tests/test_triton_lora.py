@@ -17,7 +17,7 @@ from kontext_lowvram.optimizations.quant import nf4 as nf4q
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_lora as tlr
 
-TYPES = sorted(td.SUPPORTED)
+TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def _check(qformat, raw, meta, aux, shape, dtype, rank, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gguf_lora_merge(triton, qtype, dtype):
-    block = td.GGUF_LAYOUT[qtype][1]
+    block = gq.BLOCK_TYPES_BY_NAME[qtype].block
     # rows not a multiple of the tile, K of 1 and 9 blocks; ranks below 16, between 16 and 32, above 32
     for i, (shape, rank) in enumerate([((37, 9 * block), 8), ((16, block), 20), ((21, 3 * block), 48)]):
         raw = gq.random_blocks(qtype, shape, seed=i, std=0.05)

@@ -16,7 +16,7 @@ from kontext_lowvram.optimizations.quant import nf4 as nf4q
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_matmul as tm
 
-TYPES = sorted(td.SUPPORTED)
+TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 # normwise relative error allowed per output dtype: about one rounding of the output
 REL = {torch.float32: 2e-6, torch.bfloat16: 6e-3, torch.float16: 8e-4}
 
@@ -52,7 +52,7 @@ def _check(qformat, raw, meta, aux, shape, rows, dtype, bias, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gguf_matches_fp64(triton, qtype, dtype):
-    block = td.GGUF_LAYOUT[qtype][1]
+    block = gq.BLOCK_TYPES_BY_NAME[qtype].block
     # output rows not a multiple of a program's tile; K of 1, 3 and 9 blocks (not a multiple of the K step)
     for i, (shape, rows, bias) in enumerate([((70, 3 * block), 1, True), ((19, block), 4, False),
                                              ((40, 9 * block), 2, True)]):

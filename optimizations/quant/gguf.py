@@ -17,7 +17,9 @@ integer dtypes at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -233,22 +235,105 @@ def dequantize_iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K).to(dtype)
 
 
-DEQUANTIZE_FUNCTIONS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = {
-    Q.Q8_0: dequantize_q8_0,
-    Q.Q5_1: dequantize_q5_1,
-    Q.Q5_0: dequantize_q5_0,
-    Q.Q4_1: dequantize_q4_1,
-    Q.Q4_0: dequantize_q4_0,
-    Q.Q6_K: dequantize_q6_k,
-    Q.Q5_K: dequantize_q5_k,
-    Q.Q4_K: dequantize_q4_k,
-    Q.Q3_K: dequantize_q3_k,
-    Q.Q2_K: dequantize_q2_k,
-    Q.IQ4_NL: dequantize_iq4_nl,
-    Q.IQ4_XS: dequantize_iq4_xs,
-}
+# --------------------------------------------------------------------------------------------------
+# The registry: one row per block type. Adding a type is one row here plus its decoders (the torch one above,
+# the Triton one in triton_kernels._decode under the row's kernel id); every table the rest of the code reads
+# (torch dispatch, kernel ids and layouts, tile shapes, fp16 fields) is this one.
+# --------------------------------------------------------------------------------------------------
 
-SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(DEQUANTIZE_FUNCTIONS)
+@dataclass(frozen=True)
+class BlockType:
+    qtype: GGMLQuantizationType
+    decode: Callable[[torch.Tensor, torch.dtype], torch.Tensor]  # uint8 (n, type_size) -> (n, block) values
+    # byte offsets of the fp16 scale (d) / min (dmin) fields in a block: random bytes there would often decode
+    # to NaN/inf, so valid random blocks (tests, the benchmark) get finite values written there
+    fp16_fields: tuple[int, ...]
+    kernel: int  # id of the Triton decoder (triton_kernels._decode)
+    sub: int  # the Triton decoder returns a block's values as [sub, width] in storage order
+    width: int
+    # Triton tiles. Dequant (blocks per program, num_warps): swept with tests/gpu/kernel_check.py --sweep on an
+    # H100 for Q8_0, Q4_0 and the 256-element K-quants but Q2_K (timings vary run to run; most 1-4K-element tiles
+    # are close); the others take the tile of the same-shaped type. Matmul (output features per program, blocks
+    # along K per step, num_warps) and LoRA merge (rows per program, blocks along K per program, num_warps):
+    # the widest that compile without register spills for sm_90 (tests/test_triton_compile.py); not timed on a GPU.
+    dequant_tile: tuple[int, int]
+    matmul_tile: tuple[int, int, int]
+    lora_tile: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return self.qtype.name
+
+    @property
+    def block(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+
+def _rows(*rows: BlockType) -> dict[GGMLQuantizationType, BlockType]:
+    kernels = [r.kernel for r in rows]
+    assert len(set(kernels)) == len(kernels), "two block types share a Triton decoder id"
+    return {r.qtype: r for r in rows}
+
+
+_SMALL, _SUPER = ((64, 4), (8, 8, 4), (16, 8, 4)), ((8, 4), (8, 1, 4), (16, 1, 4))  # 32- / 256-element blocks
+BLOCK_TYPES: dict[GGMLQuantizationType, BlockType] = _rows(
+    #         type       torch decoder     fp16 fields  kernel S  W   dequant, matmul, lora tiles
+    BlockType(Q.Q8_0,   dequantize_q8_0,   (0,),        0,     1, 32, *_SMALL),
+    BlockType(Q.Q4_0,   dequantize_q4_0,   (0,),        1,     2, 16, *_SMALL),
+    BlockType(Q.Q4_K,   dequantize_q4_k,   (0, 2),      2,     8, 32, *_SUPER),   # d dmin scales[12] qs[128]
+    BlockType(Q.Q5_K,   dequantize_q5_k,   (0, 2),      3,     8, 32, *_SUPER),   # d dmin scales[12] qh[32] qs[128]
+    BlockType(Q.Q6_K,   dequantize_q6_k,   (208,),      4,     8, 32, *_SUPER),   # ql[128] qh[64] scales[16] d
+    BlockType(Q.Q3_K,   dequantize_q3_k,   (108,),      5,     8, 32, (4, 2), (8, 1, 8), (16, 1, 8)),  # hmask[32] qs[64] scales[12] d
+    BlockType(Q.Q4_1,   dequantize_q4_1,   (0, 2),      6,     2, 16, *_SMALL),
+    BlockType(Q.Q5_0,   dequantize_q5_0,   (0,),        7,     2, 16, *_SMALL),
+    BlockType(Q.Q5_1,   dequantize_q5_1,   (0, 2),      8,     2, 16, *_SMALL),
+    BlockType(Q.Q2_K,   dequantize_q2_k,   (80, 82),    9,     8, 32, *_SUPER),   # scales[16] qs[64] d dmin
+    BlockType(Q.IQ4_NL, dequantize_iq4_nl, (0,),        10,    2, 16, *_SMALL),
+    BlockType(Q.IQ4_XS, dequantize_iq4_xs, (0,),        11,    8, 32, *_SUPER),   # d scales_h[2] scales_l[4] qs[128]
+)
+BLOCK_TYPES_BY_NAME: dict[str, BlockType] = {r.name: r for r in BLOCK_TYPES.values()}
+# ids as plain ints: torch.compile does not trace enum machinery on every torch version
+BLOCK_TYPES_BY_ID: dict[int, BlockType] = {int(q): r for q, r in BLOCK_TYPES.items()}
+DEQUANTIZE_FUNCTIONS = {q: r.decode for q, r in BLOCK_TYPES.items()}  # views of the registry, by enum
+FP16_FIELDS = {q: r.fp16_fields for q, r in BLOCK_TYPES.items()}
+
+
+def retune(name: str, **tiles) -> BlockType:
+    """Give block type `name` other Triton tiles (dequant_tile=, matmul_tile=, lora_tile=), for the tile sweeps of
+    tests/gpu/kernel_check.py; returns the row it replaced (pass it to `restore`)."""
+    old = BLOCK_TYPES_BY_NAME[name]
+    restore(dataclasses.replace(old, **tiles))
+    return old
+
+
+def restore(row: BlockType) -> None:
+    BLOCK_TYPES[row.qtype] = BLOCK_TYPES_BY_NAME[row.name] = BLOCK_TYPES_BY_ID[int(row.qtype)] = row
+
+
+def block_type(qtype) -> BlockType:
+    """The registry row of a block type given as enum, id or name; UnsupportedQuantType for anything else
+    (float types included)."""
+    row = None
+    if isinstance(qtype, str):
+        row = BLOCK_TYPES_BY_NAME.get(qtype.strip().upper())
+    elif isinstance(qtype, GGMLQuantizationType):
+        row = BLOCK_TYPES.get(qtype)
+    elif not isinstance(qtype, bool):
+        try:
+            row = BLOCK_TYPES_BY_ID.get(int(qtype))
+        except (TypeError, ValueError):
+            row = None
+    if row is None:
+        raise UnsupportedQuantType(f"{qtype!r} is not a supported GGUF block type; supported: "
+                                   f"{', '.join(sorted(BLOCK_TYPES_BY_NAME))}")
+    return row
+
+
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(BLOCK_TYPES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +439,7 @@ def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtyp
         return torch.empty(dims, dtype=dtype, device=raw.device)
     type_size = GGML_QUANT_SIZES[qt][1]
     blocks = _as_bytes(raw).reshape(-1, type_size)
-    return DEQUANTIZE_FUNCTIONS[qt](blocks, dtype).reshape(dims)
+    return BLOCK_TYPES[qt].decode(blocks, dtype).reshape(dims)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,6 +567,9 @@ def quantize(t: torch.Tensor, qtype) -> torch.Tensor:
 
 
 __all__ = [
+    "BLOCK_TYPES",
+    "BlockType",
+    "block_type",
     "DEQUANTIZE_FUNCTIONS",
     "IQ4NL_KVALUES",
     "QUANTIZABLE_TYPES",
@@ -491,22 +579,8 @@ __all__ = [
     "is_quantized",
     "qtype_of",
     "quantize",
-    *(fn.__name__ for fn in DEQUANTIZE_FUNCTIONS.values()),
+    *(r.decode.__name__ for r in BLOCK_TYPES.values()),
 ]
-
-
-# Byte offsets of the fp16 scale (d) / min (dmin) fields inside one block. Random bytes there would often decode
-# to NaN/inf; building valid random blocks (tests, the speed benchmark) means writing finite values there.
-FP16_FIELDS = {
-    Q.Q8_0: (0,), Q.Q5_1: (0, 2), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q4_0: (0,),
-    Q.Q6_K: (208,),    # ql[128] qh[64] scales[16] d
-    Q.Q5_K: (0, 2),    # d dmin scales[12] qh[32] qs[128]
-    Q.Q4_K: (0, 2),    # d dmin scales[12] qs[128]
-    Q.Q3_K: (108,),    # hmask[32] qs[64] scales[12] d
-    Q.Q2_K: (80, 82),  # scales[16] qs[64] d dmin
-    Q.IQ4_NL: (0,),
-    Q.IQ4_XS: (0,),    # d scales_h[2] scales_l[4] qs[128]
-}
 
 
 def random_blocks(qtype, shape, std: float = 0.02, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -526,7 +600,7 @@ def random_blocks(qtype, shape, std: float = 0.02, seed: int = 0, device="cpu") 
 
     def set_fields(value: float):
         field = torch.full((blocks.shape[0],), value, dtype=torch.float16).view(torch.uint8).reshape(-1, 2)
-        for off in FP16_FIELDS[qtype]:
+        for off in BLOCK_TYPES[qtype].fp16_fields:
             blocks[:, off:off + 2] = field
 
     set_fields(1.0)

@@ -40,29 +40,8 @@ from .common import QuantDataError
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_DISABLE = "KLV_NO_TRITON"
 
-# qtype -> (kernel id in triton_kernels._decode, elements per block, bytes per block, S, W): a decoder returns a
-# block's values as [S, W] in storage order
-GGUF_LAYOUT = {
-    "Q8_0": (0, 32, 34, 1, 32),
-    "Q4_0": (1, 32, 18, 2, 16),
-    "Q4_K": (2, 256, 144, 8, 32),
-    "Q5_K": (3, 256, 176, 8, 32),
-    "Q6_K": (4, 256, 210, 8, 32),
-    "Q3_K": (5, 256, 110, 8, 32),
-    "Q4_1": (6, 32, 20, 2, 16),
-    "Q5_0": (7, 32, 22, 2, 16),
-    "Q5_1": (8, 32, 24, 2, 16),
-    "Q2_K": (9, 256, 84, 8, 32),
-    "IQ4_NL": (10, 32, 18, 2, 16),
-    "IQ4_XS": (11, 256, 136, 8, 32),
-}
-SUPPORTED = frozenset(GGUF_LAYOUT)
-# qtype -> (blocks per program, num_warps) of the dequant kernel. Picked with tests/gpu/kernel_check.py --sweep on
-# an H100 (timings there vary run to run; most tiles of 1-4K elements are close).
-GGUF_CONFIG = {"Q8_0": (64, 4), "Q4_0": (64, 4), "Q4_K": (8, 4), "Q5_K": (8, 4), "Q6_K": (8, 4), "Q3_K": (4, 2),
-               # not swept on a GPU: the tile of the same-shaped type above
-               "Q4_1": (64, 4), "Q5_0": (64, 4), "Q5_1": (64, 4), "Q2_K": (8, 4), "IQ4_NL": (64, 4),
-               "IQ4_XS": (8, 4)}
+# GGUF kernel ids, value layouts and tiles are the rows of gguf.BLOCK_TYPES, read where a GGUF tensor is handled:
+# the gguf package is needed for GGUF files alone, and fp8 / NF4 models reach this module without it.
 # fp8: (elements per program, num_warps); an elementwise pass, not tuned on a GPU yet
 FP8_CONFIG = (2048, 4)
 # nested (double-quantized absmax) -> (elements per program: whole absmax blocks, at least one; num_warps)
@@ -71,19 +50,7 @@ NF4_CONFIG = {False: (4096, 2), True: (2048, 4)}
 INTERPRET_TILE = 16384
 
 _ASSUME_CONSTANT = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
-# type ids of the supported types (GGMLQuantizationType is an IntEnum): resolved without enum machinery, which
-# torch.compile does not trace on every torch version. Filled on first use: the gguf package is needed for GGUF
-# files alone, and fp8 / NF4 models reach this module without it.
-_NAME_BY_ID: dict = {}
-
-
-def _name_by_id() -> dict:
-    if not _NAME_BY_ID:
-        from gguf import GGMLQuantizationType
-        _NAME_BY_ID.update({int(GGMLQuantizationType[name]): name for name in SUPPORTED})
-    return _NAME_BY_ID
-
-__all__ = ["SUPPORTED", "available", "supports_gguf", "dequantize_gguf", "dequantize_nf4", "dequantize_fp8"]
+__all__ = ["available", "supports_gguf", "dequantize_gguf", "dequantize_nf4", "dequantize_fp8"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,22 +94,23 @@ def available(device) -> bool:
     return _triton_importable() and _device_ok(device)
 
 
-def _kernel_name(qtype):
-    """Name of the kernel for a type given as name, id or enum; None when there is none."""
-    if isinstance(qtype, str):
-        name = qtype.strip().upper()
-        return name if name in SUPPORTED else None
-    if isinstance(qtype, bool):
+def block_row(qtype):
+    """The registry row (gguf.BlockType) of a block type given as name, id or enum; None for float types and
+    anything unknown. Every block type has a Triton decoder."""
+    if isinstance(qtype, bool) or qtype is None:
         return None
+    from . import gguf
+    if isinstance(qtype, str):
+        return gguf.BLOCK_TYPES_BY_NAME.get(qtype.strip().upper())
     try:
-        return _name_by_id().get(int(qtype))
+        return gguf.BLOCK_TYPES_BY_ID.get(int(qtype))
     except (TypeError, ValueError):
         return None
 
 
 def supports_gguf(qtype, dtype) -> bool:
     """True when `qtype` (name, id or enum) has a Triton kernel and `dtype` is one it writes."""
-    return _kernel_name(qtype) is not None and dtype in OUT_DTYPES
+    return dtype in OUT_DTYPES and block_row(qtype) is not None
 
 
 def supports_row_tiles(qformat: str, meta: dict, shape) -> bool:
@@ -151,7 +119,7 @@ def supports_row_tiles(qformat: str, meta: dict, shape) -> bool:
     if len(shape) != 2:
         return False
     if qformat == "gguf":
-        return _kernel_name(meta.get("qtype")) is not None
+        return block_row(meta.get("qtype")) is not None
     if qformat == "nf4":
         bs = int(meta.get("blocksize", 0))
         return bs >= 16 and bs & (bs - 1) == 0 and shape[-1] % bs == 0
@@ -217,16 +185,16 @@ except ImportError:  # torch < 2.6: plain launches (torch.compile then graph-bre
 # launches
 
 def _gguf_impl(raw: torch.Tensor, qtype: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    qt, block, type_size, sub, width = GGUF_LAYOUT[qtype]
-    nb, warps = GGUF_CONFIG[qtype]
+    row = block_row(qtype)
+    nb, warps = row.dequant_tile
     out = torch.empty(numel, dtype=dtype, device=raw.device)
-    n_blocks = numel // block
+    n_blocks = numel // row.block
     if n_blocks:
         interpret = raw.device.type != "cuda"
         if interpret:
-            nb = INTERPRET_TILE // block
+            nb = INTERPRET_TILE // row.block
         _launch(_kernels(interpret).dequant_gguf, interpret, (triton_cdiv(n_blocks, nb),), raw, out, n_blocks,
-                QT=qt, BLOCK=block, TS=type_size, S=sub, W=width, NB=nb,
+                QT=row.kernel, BLOCK=row.block, TS=row.type_size, S=row.sub, W=row.width, NB=nb,
                 BF16_BITS=interpret and dtype == torch.bfloat16, num_warps=warps)
     return out
 
@@ -287,11 +255,11 @@ _nf4_op = register_op("nf4_dequant", _nf4_impl)
 def dequantize_gguf(raw: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """gguf.dequantize(raw, qtype, shape, dtype) in one kernel launch. Types outside SUPPORTED and dtypes other
     than bf16/fp16/fp32 go to the torch reference."""
-    name = _kernel_name(qtype)
-    if name is None or dtype not in OUT_DTYPES:
+    row = block_row(qtype)
+    if row is None or dtype not in OUT_DTYPES:
         from . import gguf
         return gguf.dequantize(raw, qtype, shape, dtype)
-    block, type_size = GGUF_LAYOUT[name][1:3]
+    name, block, type_size = row.name, row.block, row.type_size
     dims = tuple(int(s) for s in shape)
     if not dims or any(s < 0 for s in dims):
         raise QuantDataError(f"Invalid tensor shape {dims}: need at least one non-negative dimension")

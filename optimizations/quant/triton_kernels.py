@@ -216,7 +216,8 @@ def _iq4_xs(blk, m):
 
 @jit
 def _decode(blk, m, QT: tl.constexpr):
-    """The decoder of quant type QT (ids and layouts: triton_dequant.GGUF_LAYOUT)."""
+    """The decoder of quant type QT (ids and layouts: the rows of gguf.BLOCK_TYPES). An id with no branch fails
+    to compile rather than decoding as another type."""
     if QT == 0:
         val = _q8_0(blk, m)
     elif QT == 1:
@@ -239,8 +240,10 @@ def _decode(blk, m, QT: tl.constexpr):
         val = _q2_k(blk, m)
     elif QT == 10:
         val = _iq4_nl(blk, m)
-    else:
+    elif QT == 11:
         val = _iq4_xs(blk, m)
+    else:
+        tl.static_assert(False, "no decoder for this quant type id")
     return val
 
 

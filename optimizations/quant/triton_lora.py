@@ -21,11 +21,6 @@ ENV_ENABLE = "KLV_FUSED_LORA"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_RANK = 1024  # total rank of the LoRAs merged into one weight (the kernel walks it 32 at a time)
 
-# qtype -> (rows per program, quant blocks along K per program, num_warps): [16 x 256] tiles, no register spills
-# (tests/test_triton_compile.py). Not yet timed on a GPU.
-GGUF_LORA_CONFIG = {"Q8_0": (16, 8, 4), "Q4_0": (16, 8, 4), "Q4_1": (16, 8, 4), "Q5_0": (16, 8, 4),
-                    "Q5_1": (16, 8, 4), "Q4_K": (16, 1, 4), "Q5_K": (16, 1, 4), "Q6_K": (16, 1, 4), "Q3_K": (16, 1, 8),
-                    "Q2_K": (16, 1, 4), "IQ4_NL": (16, 8, 4), "IQ4_XS": (16, 1, 4)}
 NF4_LORA_CONFIG = (16, 2, 4)  # rows, 64-element absmax blocks along K, num_warps
 INTERPRET_ROWS = 64
 
@@ -53,7 +48,7 @@ def dequantize_with_lora(raw: torch.Tensor, qformat: str, meta: dict, aux: dict,
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     if qformat == "gguf":
-        out = _gguf_op(flat.contiguous(), up, down, td._kernel_name(meta["qtype"]), n_out, k)
+        out = _gguf_op(flat.contiguous(), up, down, td.block_row(meta["qtype"]).name, n_out, k)
     else:
         from .triton_matmul import nf4_args
         out = _nf4_op(*nf4_args(raw, meta, aux, shape), up, down, n_out, k)
@@ -68,8 +63,9 @@ def _rank_tile(rank: int) -> int:
 def _gguf_impl(raw: torch.Tensor, up: torch.Tensor, down: torch.Tensor, qtype: str, n_out: int,
                k: int) -> torch.Tensor:
     out = torch.empty(n_out, k, dtype=up.dtype, device=raw.device)
-    qt, block, type_size, sub, width = td.GGUF_LAYOUT[qtype]
-    bn, kb, warps = GGUF_LORA_CONFIG[qtype]
+    row = td.block_row(qtype)  # layout and tile: gguf.BlockType
+    qt, block, type_size, sub, width = row.kernel, row.block, row.type_size, row.sub, row.width
+    bn, kb, warps = row.lora_tile
     interpret = raw.device.type != "cuda"
     if interpret:
         bn = INTERPRET_ROWS

@@ -26,12 +26,6 @@ MAX_ROWS = 4
 ENV_ENABLE = "KLV_FUSED_MATMUL"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# qtype -> (output features per program, blocks along K per step, num_warps). 2048 weights per step: the most that
-# compiles without register spills for every type (ptxas for sm_90; tests/test_triton_compile.py checks it). Not
-# yet timed on a GPU.
-GGUF_MATMUL_CONFIG = {"Q8_0": (8, 8, 4), "Q4_0": (8, 8, 4), "Q4_1": (8, 8, 4), "Q5_0": (8, 8, 4),
-                      "Q5_1": (8, 8, 4), "Q4_K": (8, 1, 4), "Q5_K": (8, 1, 4), "Q6_K": (8, 1, 4), "Q3_K": (8, 1, 8),
-                      "Q2_K": (8, 1, 4), "IQ4_NL": (8, 8, 4), "IQ4_XS": (8, 1, 4)}
 # nf4: (output features per program, 64-element absmax blocks along K per step, num_warps)
 NF4_MATMUL_CONFIG = (8, 4, 4)
 # fp8 (e4m3fn / e5m2, per-tensor scale): (output features per program, elements along K per step, num_warps)
@@ -69,7 +63,7 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: di
         flat = flat.view(torch.uint8)
     bias_t = bias.to(x.dtype).contiguous() if bias is not None else x2  # x2: any pointer, unused without bias
     if qformat == "gguf":
-        out = _gguf_op(x2, flat.contiguous(), bias_t, td._kernel_name(meta["qtype"]), n_out, bias is not None)
+        out = _gguf_op(x2, flat.contiguous(), bias_t, td.block_row(meta["qtype"]).name, n_out, bias is not None)
     elif qformat == "fp8":
         scale = aux.get("scale")
         scale_t = scale.to(raw.device, torch.float32).reshape(1) if scale is not None else x2  # x2: unused
@@ -90,8 +84,9 @@ def _gguf_impl(x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, qtype: st
                has_bias: bool) -> torch.Tensor:
     rows, k = x.shape
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    qt, block, type_size, sub, width = td.GGUF_LAYOUT[qtype]
-    bn, kb, warps = GGUF_MATMUL_CONFIG[qtype]
+    row = td.block_row(qtype)  # layout and tile: gguf.BlockType
+    qt, block, type_size, sub, width = row.kernel, row.block, row.type_size, row.sub, row.width
+    bn, kb, warps = row.matmul_tile
     interpret = x.device.type != "cuda"
     if interpret:
         bn = 64

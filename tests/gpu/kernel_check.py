@@ -158,9 +158,9 @@ def check_and_time(shapes, device):
 
 
 def sweep(device, shape=(3072, 12288)):
-    """Time other tile sizes for each kernel (the defaults live in td.GGUF_CONFIG / td.NF4_CONFIG)."""
+    """Time other tile sizes for each kernel (the defaults live in the gguf.BLOCK_TYPES rows / td.NF4_CONFIG)."""
     print(f"\n## Tile sweep at {shape[0]}x{shape[1]}, bf16 output (µs)\n")
-    saved = dict(td.GGUF_CONFIG), dict(td.NF4_CONFIG)
+    saved = {name: row for name, row in gq.BLOCK_TYPES_BY_NAME.items()}, dict(td.NF4_CONFIG)
     try:
         for fmt in FORMATS:
             if fmt == "fp8":  # an elementwise kernel: nothing to sweep
@@ -170,7 +170,7 @@ def sweep(device, shape=(3072, 12288)):
             if fmt.startswith("nf4"):
                 options = [(tile, w) for tile in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8)]
             else:
-                block = td.GGUF_LAYOUT[fmt][1]
+                block = gq.BLOCK_TYPES_BY_NAME[fmt].block
                 nbs = (16, 32, 64, 128, 256) if block == 32 else (1, 2, 4, 8, 16, 32)
                 options = [(nb, w) for nb in nbs for w in (2, 4, 8)]
             row = []
@@ -178,7 +178,7 @@ def sweep(device, shape=(3072, 12288)):
                 if fmt.startswith("nf4"):
                     td.NF4_CONFIG[fmt == "nf4-nested"] = (nb, w)
                 else:
-                    td.GGUF_CONFIG[fmt] = (nb, w)
+                    gq.retune(fmt, dequant_tile=(nb, w))
                 out = fused(fmt, raw, meta, aux, shape, torch.bfloat16)
                 assert torch.equal(out, ref), (fmt, nb, w)
                 row.append((bench(lambda: fused(fmt, raw, meta, aux, shape, torch.bfloat16)) * 1e6, nb, w))
@@ -187,10 +187,12 @@ def sweep(device, shape=(3072, 12288)):
                                               for t, nb, w in row[:4]
                                               for what in ["tile" if fmt.startswith("nf4") else "NB"]) +
                   f" | worst {row[-1][0]:.1f}", flush=True)
-            td.GGUF_CONFIG.update(saved[0])
+            for row in saved[0].values():
+                gq.restore(row)
             td.NF4_CONFIG.update(saved[1])
     finally:
-        td.GGUF_CONFIG.update(saved[0])
+        for row in saved[0].values():
+            gq.restore(row)
         td.NF4_CONFIG.update(saved[1])
 
 
@@ -370,23 +372,23 @@ def matmul_sweep(fmt, raw, meta, aux, shape, device):
     """Time other tiles (output rows per program x K blocks per step x warps) for one format, 1 row."""
     x = torch.randn(1, shape[1], device=device, dtype=torch.bfloat16)
     q = qformat_of(fmt)
-    saved = dict(tm.GGUF_MATMUL_CONFIG), tm.NF4_MATMUL_CONFIG
+    saved = gq.BLOCK_TYPES_BY_NAME.get(fmt), tm.NF4_MATMUL_CONFIG
     results = []
     try:
         for bn in (4, 8, 16, 32):
-            for kb in ((1, 2, 4) if q != "nf4" and td.GGUF_LAYOUT[fmt][1] == 256 else (2, 4, 8, 16)):
+            for kb in ((1, 2, 4) if q != "nf4" and gq.BLOCK_TYPES_BY_NAME[fmt].block == 256 else (2, 4, 8, 16)):
                 for w in (2, 4, 8):
                     if q == "nf4":
                         tm.NF4_MATMUL_CONFIG = (bn, kb, w)
                     else:
-                        tm.GGUF_MATMUL_CONFIG[fmt] = (bn, kb, w)
+                        gq.retune(fmt, matmul_tile=(bn, kb, w))
                     try:
                         results.append((bench(lambda: tm.linear(x, raw, q, meta, aux, shape)) * 1e6, bn, kb, w))
                     except Exception as e:  # e.g. out of registers / shared memory for a big tile
                         print(f"  {fmt} BN={bn} KB={kb} warps={w}: {type(e).__name__}")
     finally:
-        tm.GGUF_MATMUL_CONFIG.clear()
-        tm.GGUF_MATMUL_CONFIG.update(saved[0])
+        if saved[0] is not None:
+            gq.restore(saved[0])
         tm.NF4_MATMUL_CONFIG = saved[1]
     results.sort()
     print(f"  sweep {fmt} {shape}: best " + ", ".join(f"BN={bn} KB={kb} w={w}: {t:.1f}" for t, bn, kb, w in
@@ -493,7 +495,8 @@ def main():
     import triton
     name = "cpu (smoke: Triton interpreter, tiny shapes)" if SMOKE else torch.cuda.get_device_name()
     print(f"# Triton dequant check: {name}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"triton_dequant.available: {td.available(device)}; tiles: {td.GGUF_CONFIG}, nf4 {td.NF4_CONFIG}")
+    tiles = {name: row.dequant_tile for name, row in gq.BLOCK_TYPES_BY_NAME.items()}
+    print(f"triton_dequant.available: {td.available(device)}; tiles: {tiles}, nf4 {td.NF4_CONFIG}")
     t0 = time.perf_counter()
     if SMOKE:
         shapes, mm_shapes = [(64, 256), (32, 512)], [(64, 256)]
