@@ -19,10 +19,10 @@ and at least MIN_ROWS rows. The single-row modulation linears take the one-kerne
 opt-in fused small-batch matmul) instead; whether `_scaled_mm` would beat those at 1-4 rows is not measured yet
 (tests/gpu/kernel_check.py times it).
 """
-import os
 
 import torch
 
+from .settings import switch
 from . import fp8_triton  # registers its custom ops at import, not inside a torch.compile trace
 from .quant import triton_dequant
 
@@ -30,10 +30,11 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 MIN_ROWS = 16
 ENV_ROWWISE = "KLV_FP8_ROWWISE"
+ENV_NO_FP8_MATMUL = "KLV_NO_FP8_MATMUL"
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("KLV_NO_FP8_MATMUL") == "1":
+    if device.type != "cuda" or switch(ENV_NO_FP8_MATMUL):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -63,7 +64,7 @@ def quantize_activation(x2: torch.Tensor, rowwise: bool = False):
 def rowwise_enabled(x: torch.Tensor) -> bool:
     """Per-row activation scales: asked for with KLV_FP8_ROWWISE=1, and only for bf16 activations (the row-wise
     `_scaled_mm` writes bf16 only)."""
-    return x.dtype == torch.bfloat16 and os.environ.get(ENV_ROWWISE, "0").strip().lower() in ("1", "true", "yes")
+    return x.dtype == torch.bfloat16 and switch(ENV_ROWWISE)
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale, bias=None, rowwise=None) -> torch.Tensor:

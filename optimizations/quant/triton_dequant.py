@@ -35,6 +35,7 @@ import struct
 
 import torch
 
+from ..settings import switch
 from .common import QuantDataError
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -86,7 +87,7 @@ def _device_ok(device: torch.device) -> bool:
 def available(device) -> bool:
     """True when the fused Triton kernels can run on `device`: Triton importable, an NVIDIA CUDA device, and the
     environment variable KLV_NO_TRITON not set to a true value."""
-    if os.environ.get(ENV_DISABLE, "0").strip().lower() not in ("", "0", "false", "no"):
+    if switch(ENV_DISABLE):
         return False
     device = torch.device(device)
     if device.type != "cuda":

@@ -6,15 +6,15 @@ weight, a read and a write of 2 bytes per weight (≈ 48 GB a step for FLUX, the
 Q8_0); here each tile adds its U·D slice (a small tensor-core dot) before its only store. The sum is formed in
 float32 and rounded once (the two-step path rounds twice), so it is at least as close to the exact W + U·D.
 
-Off unless ``KLV_FUSED_LORA=1``: exact in the tests (Triton interpreter) and compiled for sm_80/89/90, but not yet
-timed on a GPU (`kontext-lowvram bench --include fused` has the rows). Same device rules as the dequant kernels.
+Off unless ``KLV_FUSED_LORA=1`` (optimizations/settings.py); `kontext-lowvram bench --include fused` measures it.
+Same device rules as the dequant kernels.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from ..settings import switch
 from . import triton_dequant as td
 
 ENV_ENABLE = "KLV_FUSED_LORA"
@@ -30,7 +30,7 @@ __all__ = ["enabled", "supports", "dequantize_with_lora"]
 @td._ASSUME_CONSTANT
 def enabled() -> bool:
     """KLV_FUSED_LORA=1 switches the one-pass LoRA merge on (off by default until timed on a GPU)."""
-    return os.environ.get(ENV_ENABLE, "0").strip().lower() in ("1", "true", "yes", "on")
+    return switch(ENV_ENABLE)
 
 
 def supports(qformat: str, meta: dict, shape, dtype: torch.dtype, rank: int) -> bool:

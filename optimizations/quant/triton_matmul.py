@@ -7,19 +7,18 @@ rows the weight is reused across them and dequantize + cuBLAS wins, so this only
 Formats: the GGUF types with a decoder, NF4, and fp8 (e4m3fn / e5m2, decoded by bit manipulation, so sm_80 works
 too; fp8_linear's tensor-core fp8 matmul only takes 16 rows or more).
 
-Off unless ``KLV_FUSED_MATMUL=1``: exact against the dequantize-then-matmul reference in the tests (Triton
-interpreter) and compiled for sm_80/89/90, but not yet timed on a GPU. `kontext-lowvram bench` measures it
-(rows "fused small-batch matmul"); the default flips once BENCHMARKS.md shows it faster.
+Off unless ``KLV_FUSED_MATMUL=1`` (optimizations/settings.py): it must beat dequantize + cuBLAS on the GPU in
+question, which `kontext-lowvram bench` measures (rows "fused small-batch matmul").
 
 Same dispatch rules as the dequant kernels (`triton_dequant.available`): Triton, an NVIDIA device, no KLV_NO_TRITON.
 CPU tensors run the kernels in Triton's interpreter (the tests).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from ..settings import switch
 from . import triton_dequant as td
 
 MAX_ROWS = 4
@@ -38,7 +37,7 @@ __all__ = ["MAX_ROWS", "enabled", "supports", "linear"]
 @td._ASSUME_CONSTANT  # torch.compile: read once while tracing
 def enabled() -> bool:
     """KLV_FUSED_MATMUL=1 switches the fused small-batch matmul on (off by default until timed on a GPU)."""
-    return os.environ.get(ENV_ENABLE, "0").strip().lower() in ("1", "true", "yes", "on")
+    return switch(ENV_ENABLE)
 
 
 def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
