@@ -94,7 +94,7 @@ def to_safetensors_dict(sd, fp8_style="scaled"):
                 out[layer + (".scale_weight" if fp8_style == "scaled" else ".weight_scale")] = t.aux["scale"].reshape(())
                 layers[layer] = {"format": str(t.raw.dtype).replace("torch.", "")}
         elif t.qformat == "nf4":
-            out.update(nf4.to_bnb_state_dict(nf4_weight_from_parts(t.raw, t.meta, t.aux, t.qshape), layer + "."))
+            out.update(nf4.to_bnb_state_dict(nf4_weight_from_parts(t.qweight), layer + "."))
         else:
             raise ValueError(f"{k}: GGUF blocks ({t.quant_name}) cannot be stored in safetensors; use write_gguf")
     if layers and fp8_style == "scaled":

@@ -1,14 +1,14 @@
 """Plain-PyTorch machinery: dequantization, quantized ops, (later) offload, attention and tiling."""
 import torch
 
-from .qtensor import QTensor
+from .qtensor import QTensor, QWeight
 from .quant import dequantize_raw
 
 
 def dequantize(t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Values of any state-dict entry a loader returns: QTensor (any format) or a plain tensor."""
     if isinstance(t, QTensor):
-        return dequantize_raw(t.qformat, t.raw, t.meta, t.aux, t.qshape, dtype)
+        return dequantize_raw(t.qweight, dtype)
     return t.to(dtype)
 
 
@@ -34,4 +34,4 @@ def quantize(t: torch.Tensor, fmt: str) -> QTensor:
     return QTensor(gguf.quantize(t, qtype), qformat="gguf", shape=t.shape, meta={"qtype": qtype.name})
 
 
-__all__ = ["QTensor", "dequantize", "quantize", "dequantize_raw"]
+__all__ = ["QTensor", "QWeight", "dequantize", "quantize", "dequantize_raw"]

@@ -14,7 +14,7 @@ import torch
 
 from .fp8_linear import fp8_linear, use_fp8_matmul
 from .lora import apply_all, merge_all, split_low_rank, stacked_factors
-from .qtensor import QTensor
+from .qtensor import QTensor, QWeight
 from .quant import dequantize_raw, triton_dequant, triton_lora, triton_matmul
 
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
@@ -54,9 +54,13 @@ def _aux(module, device):
     return {n: getattr(module, AUX_PREFIX + n).to(device, non_blocking=True) for n in module.klv_aux_names}
 
 
+def module_qweight(module, raw: torch.Tensor) -> QWeight:
+    """The module's quantized weight as one value, over `raw` (its storage, already cast to the compute device)."""
+    return QWeight(raw, module.klv_qformat, module.klv_qshape, module.klv_meta, _aux(module, raw.device))
+
+
 def dequantize_module_weight(module, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_raw(module.klv_qformat, raw, module.klv_meta, _aux(module, raw.device), module.klv_qshape,
-                          dtype)
+    return dequantize_raw(module_qweight(module, raw), dtype)
 
 
 def use_fused_small_matmul(module, raw: torch.Tensor, x: torch.Tensor) -> bool:
@@ -81,8 +85,7 @@ def fused_lora_weight(module, raw: torch.Tensor, low_rank, dtype: torch.dtype):
     factors = stacked_factors(low_rank, raw.device, dtype)  # None for output-slice (offset) LoRAs
     if factors is None:
         return None
-    return triton_lora.dequantize_with_lora(raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
-                                            module.klv_qshape, dtype, *factors)
+    return triton_lora.dequantize_with_lora(module_qweight(module, raw), dtype, *factors)
 
 
 def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
@@ -100,8 +103,7 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
         out = fp8_linear(x, raw, _aux_tensor(module, "scale"), bias)
     elif not weight_fns and use_fused_small_matmul(module, raw, x):
-        out = triton_matmul.linear(x, raw, module.klv_qformat, module.klv_meta, _aux(module, raw.device),
-                                   module.klv_qshape, bias)
+        out = triton_matmul.linear(x, module_qweight(module, raw), bias)
     else:
         rows = x.numel() // max(x.shape[-1], 1)
         # merging costs a pass over the weight, < a pass over the output

@@ -5,7 +5,21 @@ quantized ops unpack them into plain raw-storage parameters when the model is bu
 QTensor act on the raw storage and return plain tensors (torch-function dispatch is disabled), so nothing
 downstream mistakes raw bytes for values.
 """
+from typing import NamedTuple
+
 import torch
+
+
+class QWeight(NamedTuple):
+    """A quantized weight as one value: raw storage, its format and what reading it takes. Every kernel entry
+    point and the quantized ops take this, so the group never travels as five loose arguments. Plain fields (a
+    NamedTuple of tensors, strings and dicts), which torch.compile traces."""
+    raw: torch.Tensor  # uint8 blocks (GGUF, NF4) or float8 values
+    qformat: str  # "gguf" | "nf4" | "fp8"
+    shape: torch.Size  # logical
+    meta: dict  # plain values, e.g. {"qtype": "Q4_K"} or {"blocksize": 64, ...}
+    aux: dict  # small tensors on raw's device: nf4 absmax/code, fp8 scale
+
 
 
 class QTensor(torch.Tensor):
@@ -34,6 +48,10 @@ class QTensor(torch.Tensor):
     @property
     def raw(self) -> torch.Tensor:
         return self.as_subclass(torch.Tensor)
+
+    @property
+    def qweight(self) -> QWeight:
+        return QWeight(self.raw, self.qformat, self.qshape, self.meta, self.aux)
 
     @property
     def quant_name(self) -> str:

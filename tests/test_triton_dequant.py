@@ -11,6 +11,7 @@ import torch
 
 from kontext_lowvram.optimizations.quant import (dequantize_raw, nf4_parts_from_weight, QuantDataError,
                                                  triton_dequant as td)
+from kontext_lowvram.optimizations.qtensor import QWeight
 from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4
 
@@ -166,8 +167,8 @@ def test_compile_no_graph_break(triton, monkeypatch):
     x = torch.randn(3, 512, dtype=torch.bfloat16)
 
     def f(x, raw, nraw, naux):
-        w1 = dequantize_raw("gguf", raw, {"qtype": "Q4_K"}, {}, shape, x.dtype)
-        w2 = dequantize_raw("nf4", nraw, nmeta, naux, shape, x.dtype)
+        w1 = dequantize_raw(QWeight(raw, "gguf", shape, {"qtype": "Q4_K"}, {}), x.dtype)
+        w2 = dequantize_raw(QWeight(nraw, "nf4", shape, nmeta, naux), x.dtype)
         return x @ w1.T + x @ w2.T
 
     torch._dynamo.reset()
@@ -216,13 +217,13 @@ def test_dispatch_cpu_uses_torch(monkeypatch):
     assert not td.available("cpu") and not td.available(torch.device("cpu"))
     _forbid(monkeypatch)
     raw = gq.random_blocks("Q4_K", (2, 256))
-    assert torch.equal(dequantize_raw("gguf", raw, {"qtype": "Q4_K"}, {}, (2, 256), torch.bfloat16),
+    assert torch.equal(dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": "Q4_K"}, {}), torch.bfloat16),
                        gq.dequantize(raw, "Q4_K", (2, 256), torch.bfloat16))
     q, nraw, meta, aux = _nf4_parts()
-    assert torch.equal(dequantize_raw("nf4", nraw, meta, aux, q.shape, torch.float16),
+    assert torch.equal(dequantize_raw(QWeight(nraw, "nf4", q.shape, meta, aux), torch.float16),
                        nf4.dequantize_nf4(q, dtype=torch.float16))
     data = torch.randn(4, 32).to(torch.float8_e4m3fn)
-    assert torch.equal(dequantize_raw("fp8", data, {}, {"scale": torch.tensor(0.5)}, (4, 32), torch.bfloat16),
+    assert torch.equal(dequantize_raw(QWeight(data, "fp8", (4, 32), {}, {"scale": torch.tensor(0.5)}), torch.bfloat16),
                        (data.float() * 0.5).to(torch.bfloat16))
 
 
@@ -255,26 +256,26 @@ def test_dispatch_chooses_triton_when_available(monkeypatch):
     for qtype in TYPES:
         shape = (2, _block_size(qtype))
         raw = gq.random_blocks(qtype, shape)
-        dequantize_raw("gguf", raw, {"qtype": qtype}, {}, shape, torch.bfloat16)
+        dequantize_raw(QWeight(raw, "gguf", shape, {"qtype": qtype}, {}), torch.bfloat16)
     raw = gq.random_blocks("Q4_K", (2, 256))
-    dequantize_raw("gguf", raw, {"qtype": int(gq.Q.Q4_K)}, {}, (2, 256), torch.float32)  # type id works too
+    dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": int(gq.Q.Q4_K)}, {}), torch.float32)  # type id works too
     assert calls == [("gguf", t, torch.bfloat16) for t in TYPES] + [("gguf", int(gq.Q.Q4_K), torch.float32)]
     calls.clear()
     assert {"IQ4_NL", "IQ4_XS", "Q2_K", "Q8_0"} <= set(TYPES)  # every block type has a kernel
     # no kernel: float64 output
     raw = gq.random_blocks("Q8_0", (2, 256))
-    dequantize_raw("gguf", raw, {"qtype": "Q8_0"}, {}, (2, 256), torch.float64)
+    dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": "Q8_0"}, {}), torch.float64)
     assert calls == []
     q, nraw, meta, aux = _nf4_parts()
-    dequantize_raw("nf4", nraw, meta, aux, q.shape, torch.bfloat16)
+    dequantize_raw(QWeight(nraw, "nf4", q.shape, meta, aux), torch.bfloat16)
     assert calls == [("nf4", 64, torch.bfloat16)]
-    assert dequantize_raw("nf4", nraw, meta, aux, q.shape, torch.float64).dtype == torch.float64
+    assert dequantize_raw(QWeight(nraw, "nf4", q.shape, meta, aux), torch.float64).dtype == torch.float64
     assert len(calls) == 1
     monkeypatch.setattr(td, "dequantize_fp8", lambda data, scale, dtype: calls.append(("fp8", data.dtype, dtype))
                         or torch.zeros(data.shape, dtype=dtype))
     data = torch.zeros(2, 16, dtype=torch.float8_e5m2)
-    dequantize_raw("fp8", data, {}, {}, (2, 16), torch.float16)
-    dequantize_raw("fp8", data, {}, {}, (2, 16), torch.float64)  # no kernel for float64 output
+    dequantize_raw(QWeight(data, "fp8", (2, 16), {}, {}), torch.float16)
+    dequantize_raw(QWeight(data, "fp8", (2, 16), {}, {}), torch.float64)  # no kernel for float64 output
     assert calls[1:] == [("fp8", torch.float8_e5m2, torch.float16)]
 
 

@@ -8,9 +8,9 @@ two-step path (dequantize to bf16, then addmm) rounds twice and is the bound it 
 import pytest
 import torch
 
-from kontext_lowvram.optimizations import quantize
+from kontext_lowvram.optimizations import QWeight, quantize
 from kontext_lowvram.optimizations.lora import LowRankDelta, stacked_factors
-from kontext_lowvram.optimizations.ops import QuantLinear
+from kontext_lowvram.optimizations.ops import QuantLinear, dequantize_module_weight
 from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight
 from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4 as nf4q
@@ -30,13 +30,14 @@ def _check(qformat, raw, meta, aux, shape, dtype, rank, seed=0):
     g = torch.Generator().manual_seed(seed)
     up = (torch.randn(shape[0], rank, generator=g) * 0.05).to(dtype)
     down = (torch.randn(rank, shape[1], generator=g) * 0.05).to(dtype)
-    got = tlr.dequantize_with_lora(raw, qformat, meta, aux, shape, dtype, up, down)
+    q = QWeight(raw, qformat, shape, meta, aux)
+    got = tlr.dequantize_with_lora(q, dtype, up, down)
     assert got.shape == shape and got.dtype == dtype
-    exact = dequantize_raw(qformat, raw, meta, aux, shape, torch.float32).double() + up.double() @ down.double()
+    exact = dequantize_raw(q, torch.float32).double() + up.double() @ down.double()
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-7)
         return
-    two_step = dequantize_raw(qformat, raw, meta, aux, shape, dtype).addmm_(up, down)
+    two_step = dequantize_raw(q, dtype).addmm_(up, down)
     assert (got == exact.to(dtype)).double().mean().item() >= 0.999, (qformat, meta, dtype, rank)
     assert (got.double() - exact).abs().max() <= (two_step.double() - exact).abs().max()
 
@@ -120,9 +121,7 @@ def test_ops_merge_in_the_kernel_when_switched_on(triton, monkeypatch, fmt):
     fused = layer(x)
     assert calls == [(32, 12)]                                  # both LoRAs stacked: rank 8 + 4
     w = layer.weight_function
-    exact = (x.double() @ (dequantize_raw(layer.klv_qformat, layer.weight, layer.klv_meta,
-                                          {n: getattr(layer, "klv_aux_" + n) for n in layer.klv_aux_names},
-                                          layer.klv_qshape, torch.float32).double()
+    exact = (x.double() @ (dequantize_module_weight(layer, layer.weight, torch.float32).double()
                            + sum(d.scale * d.up.double() @ d.down.double() for d in w)).T + layer.bias.double())
     for out in (fused, two_step):
         assert ((out.double() - exact).norm() / exact.norm()).item() < 5e-3

@@ -8,7 +8,7 @@ bound is the output dtype's rounding (plus float32 summation for fp32).
 import pytest
 import torch
 
-from kontext_lowvram.optimizations import QTensor, quantize
+from kontext_lowvram.optimizations import QTensor, QWeight, quantize
 from kontext_lowvram.optimizations.ops import QuantLinear
 from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight
 from kontext_lowvram.optimizations.quant import gguf as gq
@@ -40,9 +40,9 @@ def _check(qformat, raw, meta, aux, shape, rows, dtype, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, shape[1], generator=g).to(dtype)
     b = (torch.randn(shape[0], generator=g) * 0.1) if bias else None
-    got = tm.linear(x, raw, qformat, meta, aux, shape, b)
+    got = tm.linear(x, QWeight(raw, qformat, shape, meta, aux), b)
     assert got.shape == (rows, shape[0]) and got.dtype == dtype
-    w = dequantize_raw(qformat, raw, meta, aux, shape, dtype)  # torch reference (CPU), rounded to x's dtype
+    w = dequantize_raw(QWeight(raw, qformat, shape, meta, aux), dtype)  # torch reference (CPU), rounded to x's dtype
     want = x.double() @ w.double().T + (b.to(dtype).double() if bias else 0)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err <= REL[dtype], (qformat, meta, shape, rows, dtype, err)
@@ -73,9 +73,9 @@ def test_batched_and_strided_input(triton):
     shape = (24, 512)
     raw, meta, aux = _gguf("Q4_K", shape, 3)
     x = torch.randn(2, 1, 1024)[..., ::2]  # stride 2 along K
-    got = tm.linear(x, raw, "gguf", meta, aux, shape)
+    got = tm.linear(x, QWeight(raw, "gguf", shape, meta, aux))
     assert got.shape == (2, 1, 24)
-    assert torch.equal(got.reshape(2, 24), tm.linear(x.reshape(2, 512).contiguous(), raw, "gguf", meta, aux, shape))
+    assert torch.equal(got.reshape(2, 24), tm.linear(x.reshape(2, 512).contiguous(), QWeight(raw, "gguf", shape, meta, aux)))
 
 
 def test_supports_rules():
@@ -168,7 +168,7 @@ def test_fp8_decodes_every_byte(triton):
     raw = torch.arange(256, dtype=torch.uint8).reshape(256, 1)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         w = raw.view(dtype)
-        got = tm.linear(torch.ones(1, 1), w, "fp8", {}, {}, (256, 1)).flatten()
+        got = tm.linear(torch.ones(1, 1), QWeight(w, "fp8", (256, 1), {}, {})).flatten()
         want = w.float().flatten()
         same = (got == want) | (got.isnan() & want.isnan())
         assert bool(same.all()), (dtype, (~same).nonzero().flatten()[:8].tolist())

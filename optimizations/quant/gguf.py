@@ -287,7 +287,8 @@ BLOCK_TYPES: dict[GGMLQuantizationType, BlockType] = _rows(
     BlockType(Q.Q4_K,   dequantize_q4_k,   (0, 2),      2,     8, 32, *_SUPER),   # d dmin scales[12] qs[128]
     BlockType(Q.Q5_K,   dequantize_q5_k,   (0, 2),      3,     8, 32, *_SUPER),   # d dmin scales[12] qh[32] qs[128]
     BlockType(Q.Q6_K,   dequantize_q6_k,   (208,),      4,     8, 32, *_SUPER),   # ql[128] qh[64] scales[16] d
-    BlockType(Q.Q3_K,   dequantize_q3_k,   (108,),      5,     8, 32, (4, 2), (8, 1, 8), (16, 1, 8)),  # hmask[32] qs[64] scales[12] d
+    # Q3_K: hmask[32] qs[64] scales[12] d
+    BlockType(Q.Q3_K,   dequantize_q3_k,   (108,),      5,     8, 32, (4, 2), (8, 1, 8), (16, 1, 8)),
     BlockType(Q.Q4_1,   dequantize_q4_1,   (0, 2),      6,     2, 16, *_SMALL),
     BlockType(Q.Q5_0,   dequantize_q5_0,   (0,),        7,     2, 16, *_SMALL),
     BlockType(Q.Q5_1,   dequantize_q5_1,   (0, 2),      8,     2, 16, *_SMALL),

@@ -37,21 +37,21 @@ def supports(qformat: str, meta: dict, shape, dtype: torch.dtype, rank: int) -> 
     return dtype in DTYPES and 0 < rank <= MAX_RANK and td.supports_row_tiles(qformat, meta, shape)
 
 
-def dequantize_with_lora(raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape, dtype: torch.dtype,
-                         up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """dequant(raw) + up @ down in `dtype`, shape (N, K); up (N×R, already scaled) and down (R×K) on raw's device.
-    The caller checks `supports` first."""
-    n_out, k = (int(s) for s in shape)
+def dequantize_with_lora(q, dtype: torch.dtype, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """dequant(q) + up @ down in `dtype`, shape (N, K), for the QWeight `q`; up (N×R, already scaled) and down
+    (R×K) on its raw storage's device. The caller checks `supports` first."""
+    raw = q.raw
+    n_out, k = (int(s) for s in q.shape)
     up = up.to(raw.device, dtype).contiguous()
     down = down.to(raw.device, dtype).contiguous()
     flat = raw.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    if qformat == "gguf":
-        out = _gguf_op(flat.contiguous(), up, down, td.block_row(meta["qtype"]).name, n_out, k)
+    if q.qformat == "gguf":
+        out = _gguf_op(flat.contiguous(), up, down, td.block_row(q.meta["qtype"]).name, n_out, k)
     else:
         from .triton_matmul import nf4_args
-        out = _nf4_op(*nf4_args(raw, meta, aux, shape), up, down, n_out, k)
+        out = _nf4_op(*nf4_args(q), up, down, n_out, k)
     return out
 
 

@@ -40,7 +40,7 @@ def enabled() -> bool:
     return switch(ENV_ENABLE)
 
 
-def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
+def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:  # the format's facts, no storage needed
     """True when `linear` can take this weight and activation (any device; CUDA also needs `td.available`)."""
     if x.dtype not in DTYPES or x.shape[-1] != shape[-1] or len(shape) != 2:
         return False
@@ -48,11 +48,11 @@ def supports(qformat: str, meta: dict, shape, x: torch.Tensor) -> bool:
     return 0 < rows <= MAX_ROWS and (qformat == "fp8" or td.supports_row_tiles(qformat, meta, shape))
 
 
-def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: dict, shape,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequant(W).T + bias in one kernel, W being `raw` in `qformat` with logical `shape` (out, in).
+def linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(W).T + bias in one kernel, W being the QWeight `q` of logical shape (out, in).
     The caller checks `supports` first. Output dtype is x's; W is rounded to x's dtype before multiplying."""
-    n_out, k = (int(s) for s in shape)
+    raw, qformat, meta, aux = q.raw, q.qformat, q.meta, q.aux
+    n_out, k = (int(s) for s in q.shape)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -69,14 +69,14 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qformat: str, meta: dict, aux: di
         out = _fp8_op(x2, flat.contiguous(), scale_t, bias_t, n_out, raw.dtype == torch.float8_e5m2,
                       scale is not None, bias is not None)
     else:
-        out = _nf4_op(x2, *nf4_args(raw, meta, aux, shape), bias_t, n_out, bias is not None)
+        out = _nf4_op(x2, *nf4_args(q), bias_t, n_out, bias is not None)
     return out.view(*lead, n_out)
 
 
-def nf4_args(raw, meta, aux, shape):
-    """The NF4 kernels' arguments (triton_dequant.nf4_kernel_args) from a module's raw storage, meta and aux."""
+def nf4_args(q):
+    """The NF4 kernels' arguments (triton_dequant.nf4_kernel_args) of an "nf4" QWeight."""
     from . import nf4_weight_from_parts
-    return td.nf4_kernel_args(nf4_weight_from_parts(raw, meta, aux, shape), raw.device)
+    return td.nf4_kernel_args(nf4_weight_from_parts(q), q.raw.device)
 
 
 def _gguf_impl(x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, qtype: str, n_out: int,
@@ -138,9 +138,9 @@ _fp8_op = td.register_op("fp8_matmul_small", _fp8_impl)
 _nf4_op = td.register_op("nf4_matmul", _nf4_impl)
 
 
-def reference(x, raw, qformat, meta, aux, shape, bias=None):
+def reference(x, q, bias=None):
     """What `linear` replaces: dequantize to x's dtype, then torch's matmul."""
     from . import dequantize_raw
-    w = dequantize_raw(qformat, raw, meta, aux, shape, x.dtype)
+    w = dequantize_raw(q, x.dtype)
     return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 

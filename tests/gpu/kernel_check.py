@@ -37,6 +37,7 @@ except ImportError:
     spec.loader.exec_module(module)
 
 from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight  # noqa: E402
+from kontext_lowvram.optimizations.qtensor import QWeight  # noqa: E402
 from kontext_lowvram.optimizations.quant import gguf as gq  # noqa: E402
 from kontext_lowvram.optimizations.quant import nf4 as nf4q  # noqa: E402
 from kontext_lowvram.optimizations.quant import triton_dequant as td  # noqa: E402
@@ -93,7 +94,7 @@ def reference(fmt, raw, meta, aux, shape, dtype):
         return dequantize_fp8(raw, aux["scale"], dtype)
     if fmt.startswith("nf4"):
         from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
-        return nf4q.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+        return nf4q.dequantize_nf4(nf4_weight_from_parts(QWeight(raw, "nf4", shape, meta, aux)), dtype=dtype, device=raw.device)
     return gq.dequantize(raw, meta["qtype"], shape, dtype)
 
 
@@ -102,7 +103,7 @@ def fused(fmt, raw, meta, aux, shape, dtype):
         return td.dequantize_fp8(raw, aux["scale"], dtype)
     if fmt.startswith("nf4"):
         from kontext_lowvram.optimizations.quant import nf4_weight_from_parts
-        return td.dequantize_nf4(nf4_weight_from_parts(raw, meta, aux, shape), dtype=dtype, device=raw.device)
+        return td.dequantize_nf4(nf4_weight_from_parts(QWeight(raw, "nf4", shape, meta, aux)), dtype=dtype, device=raw.device)
     return td.dequantize_gguf(raw, meta["qtype"], shape, dtype)
 
 
@@ -226,7 +227,7 @@ def compile_check(device):
         qformat = qformat_of(fmt)
 
         def f(x, raw, aux):
-            w = dequantize_raw(qformat, raw, meta, aux, shape, x.dtype)
+            w = dequantize_raw(QWeight(raw, qformat, shape, meta, aux), x.dtype)
             return torch.nn.functional.linear(x, w)
 
         torch._dynamo.reset()
@@ -251,10 +252,10 @@ def compile_fused(device, shape):
         x = torch.randn(1, shape[1], device=device, dtype=torch.bfloat16)
         up = torch.randn(shape[0], 32, device=device, dtype=torch.bfloat16) * 0.02
         down = torch.randn(32, shape[1], device=device, dtype=torch.bfloat16) * 0.02
-        cases = [("fused 1-row matmul", lambda x, raw, aux: tm.linear(x, raw, q, meta, aux, shape))]
+        cases = [("fused 1-row matmul", lambda x, raw, aux: tm.linear(x, QWeight(raw, q, shape, meta, aux)))]
         if fmt != "fp8":
             cases.append(("LoRA merged in dequant", lambda x, raw, aux: torch.nn.functional.linear(
-                x, tlr.dequantize_with_lora(raw, q, meta, aux, shape, x.dtype, up, down))))
+                x, tlr.dequantize_with_lora(QWeight(raw, q, shape, meta, aux), x.dtype, up, down))))
         for name, f in cases:
             torch._dynamo.reset()
             try:
@@ -305,7 +306,7 @@ def _compile_one(fmt, f, x, raw, meta, aux, shape, qformat):
     y = compiled(x, raw, aux)
     t_compile = time.perf_counter() - t0
     same_w = torch.equal(
-        torch.compile(lambda raw, aux: dequantize_raw(qformat, raw, meta, aux, shape, torch.bfloat16),
+        torch.compile(lambda raw, aux: dequantize_raw(QWeight(raw, qformat, shape, meta, aux), torch.bfloat16),
                       fullgraph=True)(raw, aux),
         reference(fmt, raw, meta, aux, shape, torch.bfloat16))
     diff = (y.float() - eager.float()).abs().max().item()
@@ -342,13 +343,13 @@ def matmul_check(device, shapes, sweep=False):
             for rows in (1, 4):
                 x = torch.randn(rows, shape[1], device=device, dtype=torch.bfloat16)
                 want = x.double() @ dense.double().T
-                got = tm.linear(x, raw, q, meta, aux, shape)
-                base = tm.reference(x, raw, q, meta, aux, shape)
+                got = tm.linear(x, QWeight(raw, q, shape, meta, aux))
+                base = tm.reference(x, QWeight(raw, q, shape, meta, aux))
                 e_f = ((got.double() - want).norm() / want.norm()).item()
                 e_b = ((base.double() - want).norm() / want.norm()).item()
                 ok &= e_f <= 6e-3
-                t_f = bench(lambda: tm.linear(x, raw, q, meta, aux, shape))
-                t_b = bench(lambda: tm.reference(x, raw, q, meta, aux, shape))
+                t_f = bench(lambda: tm.linear(x, QWeight(raw, q, shape, meta, aux)))
+                t_b = bench(lambda: tm.reference(x, QWeight(raw, q, shape, meta, aux)))
                 t_d = bench(lambda: torch.nn.functional.linear(x, dense))
                 print(f"| {fmt} | {shape[0]}x{shape[1]} | {rows} | {e_f:.1e} / {e_b:.1e} | {t_f * 1e6:.1f} | "
                       f"{t_b * 1e6:.1f} | {t_d * 1e6:.1f} | {t_b / t_f:.2f}x | {t_d / t_f:.2f}x | "
@@ -383,7 +384,7 @@ def matmul_sweep(fmt, raw, meta, aux, shape, device):
                     else:
                         gq.retune(fmt, matmul_tile=(bn, kb, w))
                     try:
-                        results.append((bench(lambda: tm.linear(x, raw, q, meta, aux, shape)) * 1e6, bn, kb, w))
+                        results.append((bench(lambda: tm.linear(x, QWeight(raw, q, shape, meta, aux))) * 1e6, bn, kb, w))
                     except Exception as e:  # e.g. out of registers / shared memory for a big tile
                         print(f"  {fmt} BN={bn} KB={kb} warps={w}: {type(e).__name__}")
     finally:
@@ -410,17 +411,17 @@ def lora_check(device, shapes, rank=32):
             down = (torch.randn(rank, shape[1], device=device, generator=g) * 0.02).to(torch.bfloat16)
 
             def one_pass():
-                return tlr.dequantize_with_lora(raw, q, meta, aux, shape, torch.bfloat16, up, down)
+                return tlr.dequantize_with_lora(QWeight(raw, q, shape, meta, aux), torch.bfloat16, up, down)
 
             def two_step():
-                return dequantize_raw(q, raw, meta, aux, shape, torch.bfloat16).addmm_(up, down)
+                return dequantize_raw(QWeight(raw, q, shape, meta, aux), torch.bfloat16).addmm_(up, down)
 
-            exact = dequantize_raw(q, raw, meta, aux, shape, torch.float32).double() + up.double() @ down.double()
+            exact = dequantize_raw(QWeight(raw, q, shape, meta, aux), torch.float32).double() + up.double() @ down.double()
             e1 = (one_pass().double() - exact).abs().max().item()
             e2 = (two_step().double() - exact).abs().max().item()
             ok &= e1 <= e2
             t1, t2 = bench(one_pass), bench(two_step)
-            t0 = bench(lambda: dequantize_raw(q, raw, meta, aux, shape, torch.bfloat16))
+            t0 = bench(lambda: dequantize_raw(QWeight(raw, q, shape, meta, aux), torch.bfloat16))
             print(f"| {fmt} | {shape[0]}x{shape[1]} | {e1:.1e} / {e2:.1e} | {t1 * 1e6:.0f} | {t2 * 1e6:.0f} | "
                   f"{t0 * 1e6:.0f} | {t2 / t1:.2f}x |", flush=True)
             del raw, aux, exact
