@@ -21,7 +21,6 @@ class QWeight(NamedTuple):
     aux: dict  # small tensors on raw's device: nf4 absmax/code, fp8 scale
 
 
-
 class QTensor(torch.Tensor):
     """Raw quantized storage (uint8 blocks or float8 values) plus what it takes to dequantize it.
 
