@@ -1,4 +1,4 @@
-"""`kontext-lowvram` command line: `demo` (the README's first command), `info FILE` and `bench` (GPU)."""
+"""`kontext-lowvram` command line: `demo` (the README's first command), `info FILE`, `plan` and `bench` (GPU)."""
 import argparse
 import os
 import sys
@@ -105,6 +105,48 @@ def info(args):
     return 0
 
 
+def _resolution(text):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if w < 64 or h < 64:
+        raise argparse.ArgumentTypeError("width and height must be at least 64")
+    return w, h
+
+
+def _positive(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return v
+
+
+def add_plan_parser(sub):
+    pl = sub.add_parser("plan", help="which model files and settings fit your GPU, with the VRAM/RAM peak per phase")
+    pl.add_argument("--vram", type=_positive, required=True, help="the card's memory in GB, e.g. 8, 12, 16, 24")
+    pl.add_argument("--ram", type=_positive, default=None, help="system RAM in GB (checked when given)")
+    pl.add_argument("--resolution", type=_resolution, default=(1024, 1024), help="WIDTHxHEIGHT of the edit")
+    pl.add_argument("--references", type=int, default=1, choices=range(0, 5), metavar="N",
+                    help="reference images (Kontext: 1; multi-reference: 2-4)")
+    pl.add_argument("--steps", type=int, default=20, help="sampling steps (shown; memory does not depend on them)")
+    pl.add_argument("--model", default="kontext", choices=("kontext",), help="the model family")
+    pl.add_argument("--headless", action="store_true", help="the card drives no display (less is kept back)")
+    pl.set_defaults(fn=plan_main)
+    return pl
+
+
+def plan_main(args):
+    from .optimizations.planner import Request, format_plan, plan
+    p = plan(Request(vram_gib=args.vram, ram_gib=args.ram, width=args.resolution[0], height=args.resolution[1],
+                     references=args.references, steps=args.steps, model=args.model, desktop=not args.headless))
+    print(format_plan(p))
+    return 0 if p.fits else 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="kontext-lowvram", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,6 +160,7 @@ def main(argv=None):
     i = sub.add_parser("info", help="detect a model file's format and architecture")
     i.add_argument("file")
     i.set_defaults(fn=info)
+    add_plan_parser(sub)
     from .bench import add_parser, bench_main
     add_parser(sub).set_defaults(fn=bench_main)
     args = p.parse_args(argv)
