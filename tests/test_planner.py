@@ -116,3 +116,14 @@ def test_cli_plan(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
+
+
+def test_readme_table_is_the_planners_answer():
+    """README's "Which files for my GPU" rows are what plan() says for each tier."""
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for vram in TIERS:
+        p = plan(Request(vram_gib=vram, ram_gib=32))
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {vram} GB |"))
+        assert f"`{p.model_format.file}`" in row and f"`{p.text_encoder.file}`" in row and p.weights in row
+        assert " / ".join(f"{ph.vram_gib:.1f}" for ph in p.phases) in row
