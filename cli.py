@@ -89,19 +89,47 @@ def demo(args):
     return 0
 
 
+INPUT_KINDS = {64: "dev / schnell / Kontext", 128: "Depth / Canny", 384: "Fill"}
+
+
+def _size(n_bytes) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _count(n) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def describe(sd, inf) -> list:
+    """A loaded model file in plain words and numbers (what `info` prints)."""
+    from .optimizations import QTensor
+    cfg = inf["flux_config"]
+    quantized = [v for v in sd.values() if isinstance(v, QTensor)]
+    resident = sum(v.nbytes_total() if isinstance(v, QTensor) else v.numel() * v.element_size() for v in sd.values())
+    counts = inf.get("tensor_types") or {}
+    types = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    kind = INPUT_KINDS.get(cfg.in_channels, f"{cfg.in_channels} input channels")
+    return [
+        f"file: {inf['file']}",
+        f"size: {_size(inf['file_bytes'])} on disk ({inf['container']})",
+        f"format: {inf.get('format') or 'GGUF'}" + (f"; tensor types {types}" if types else ""),
+        f"model: FLUX.1 transformer ({kind}), {_count(cfg.num_params)} parameters: hidden {cfg.hidden_size}, "
+        f"{cfg.num_heads} heads, {cfg.depth} double + {cfg.depth_single_blocks} single blocks"
+        + (", guidance embedding" if cfg.guidance_embed else ", no guidance embedding (schnell-style)"),
+        f"tensors: {len(sd)}, {len(quantized)} of them quantized",
+        f"resident weights: {_size(resident)} in VRAM when fully loaded (activations come on top: "
+        "see `kontext-lowvram plan`)",
+    ]
+
+
 def info(args):
     from .loaders import ModelFileError, load_model_file
-    from .optimizations import QTensor
     try:
         sd, inf = load_model_file(args.file)
     except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    q = [v for v in sd.values() if isinstance(v, QTensor)]
-    print(f"file: {inf['file']} ({inf['file_bytes'] / 2**30:.2f} GiB, {inf['container']})")
-    print(f"format: {inf.get('format') or inf.get('tensor_types')}")
-    print(f"architecture: {inf['flux_config']}")
-    print(f"tensors: {len(sd)} ({len(q)} quantized)")
+    print("\n".join(describe(sd, inf)))
     return 0
 
 
