@@ -42,7 +42,11 @@ def _orig_shape(reader, tensor_name, path):
 
 
 def open_reader(path):
-    import gguf
+    """gguf.GGUFReader on a file whose header has passed the bounded validator first (GGUFReader trusts the
+    header's counts: a tiny hostile file would otherwise exhaust memory)."""
+    from .gguf_header import gguf_module, validate_gguf_header
+    gguf = gguf_module(path)
+    validate_gguf_header(path)
     try:
         return gguf.GGUFReader(path)
     except ValueError as e:
