@@ -1,5 +1,6 @@
 """`kontext-lowvram` command line: `demo` (the README's first command), `info FILE` and `bench` (GPU)."""
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -105,7 +106,40 @@ def info(args):
     return 0
 
 
+# The GPU benchmark is a tool of the source checkout (tools/ is not installed with the package).
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "bench.py")
+BENCH_MODULE = "kontext_lowvram_bench"
+
+
+def load_bench():
+    """tools/bench.py as a module (loaded once), or None where this install has no source checkout around it."""
+    if BENCH_MODULE not in sys.modules:
+        if not os.path.isfile(BENCH):
+            return None
+        spec = importlib.util.spec_from_file_location(BENCH_MODULE, BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[BENCH_MODULE] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[BENCH_MODULE]
+            raise
+    return sys.modules[BENCH_MODULE]
+
+
+def bench(argv):
+    module = load_bench()
+    if module is None:
+        print("kontext-lowvram bench runs from a git checkout of comfyui-kontext-lowvram (tools/bench.py is not "
+              "installed with the package): clone it, `pip install -e .` there and run it again", file=sys.stderr)
+        return 2
+    return module.main(argv)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after it is the bench's own (tools/bench.py parses them)
+        return bench(argv[1:])
     p = argparse.ArgumentParser(prog="kontext-lowvram", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build a synthetic FLUX checkpoint, write it in every format, load each back, print a table")
@@ -118,8 +152,9 @@ def main(argv=None):
     i = sub.add_parser("info", help="detect a model file's format and architecture")
     i.add_argument("file")
     i.set_defaults(fn=info)
-    from .bench import add_parser, bench_main
-    add_parser(sub).set_defaults(fn=bench_main)
+    sub.add_parser("bench", add_help=False, help="full-size FLUX s/step / peak VRAM per format vs ComfyUI core and "
+                                                 "ComfyUI-GGUF (CUDA GPU and COMFYUI_PATH needed; runs tools/bench.py "
+                                                 "of a source checkout: `kontext-lowvram bench --help`)")
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -54,8 +54,8 @@ def main(args):
     import comfy.model_management as mm
     import comfy.sd
 
-    from kontext_lowvram.bench import stub_missing_pyav
-    stub_missing_pyav()
+    from kontext_lowvram.cli import load_bench
+    load_bench().stub_missing_pyav()
     import nodes as core
 
     from kontext_lowvram.loaders.flux_layout import random_flux_vae_state_dict

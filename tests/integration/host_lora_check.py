@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness  # noqa: E402,F401  (maps kontext_lowvram onto this checkout when it is not installed)
 import torch  # noqa: E402
 
-from kontext_lowvram.bench import setup_comfy  # noqa: E402
+from kontext_lowvram.cli import load_bench  # noqa: E402
+
+setup_comfy = load_bench().setup_comfy
 
 IN_F, OUT_F, RANK = 64, 48, 4
 
