@@ -44,16 +44,27 @@ def _dequant_all(sd, device, dtype):
     return n, time.perf_counter() - t0
 
 
+def random_flux_weights(cfg, seed):
+    """Random bf16 values in the FLUX key layout of `cfg` (weights N(0, 0.02), norm scales near 1): a checkpoint to
+    write in every format and read back, not a model to run."""
+    import torch
+    from .loaders.flux_layout import flux_tensor_shapes
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (1 + 0.01 * torch.randn(shape, generator=gen) if k.endswith("_norm.scale")
+                else 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+            for k, shape in flux_tensor_shapes(cfg).items()}
+
+
 def demo(args):
     import torch
     from .loaders import load_model_file, quantize_state_dict
-    from .loaders.flux_layout import FluxConfig, random_flux_state_dict
+    from .loaders.flux_layout import FluxConfig
     from .optimizations import QTensor, dequantize
 
     cfg = FluxConfig(hidden_size=args.hidden, num_heads=args.hidden // 128, depth=args.double, depth_single_blocks=args.single)
     print(f"Synthetic FLUX-layout transformer: hidden {cfg.hidden_size}, {cfg.depth} double + {cfg.depth_single_blocks} "
           f"single blocks, {cfg.num_params / 1e6:.1f} M params (random weights, real key layout)")
-    ref = random_flux_state_dict(cfg, seed=args.seed, dtype=torch.bfloat16)
+    ref = random_flux_weights(cfg, args.seed)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

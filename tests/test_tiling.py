@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kontext_lowvram.loaders.flux_layout import FluxVAEConfig, perturb_vae_affine, random_flux_vae_state_dict
+from kontext_lowvram.loaders.flux_layout import FluxVAEConfig
 from kontext_lowvram.optimizations import tiling
+from fixtures.flux import perturb_vae_affine, random_flux_vae_state_dict
 
 torch.set_grad_enabled(False)
 

@@ -23,6 +23,8 @@ import time
 OURS = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "nf4", "fp8_e4m3fn_scaled"]
 GGUF_NODE = ["Q8_0", "Q4_K", "Q5_K", "Q4_0"]
 LORA_RANK = 32
+# tests/fixtures makes the random valid blocks of the K-quants (the source checkout has it beside tools/)
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 # ---------------------------------------------------------------- setup
@@ -138,13 +140,15 @@ class WeightFactory:
     def template(self, fmt, shape):
         import torch
         from kontext_lowvram.optimizations import quantize
-        from kontext_lowvram.optimizations.quant import gguf as gq
         key = (fmt, shape)
         if key not in self.templates:
             seed = sum(shape) * 7 + len(shape)
             if random_blocks_only(fmt):  # no quantizer for these: random valid blocks (their own weights)
                 from kontext_lowvram.optimizations import QTensor
-                raw = gq.random_blocks(fmt, shape, std=self.std, seed=seed)
+                if TESTS_DIR not in sys.path:
+                    sys.path.insert(0, TESTS_DIR)
+                from fixtures.gguf_blocks import random_blocks
+                raw = random_blocks(fmt, shape, std=self.std, seed=seed)
                 self.templates[key] = QTensor(raw.to(self.device), qformat="gguf", shape=shape, meta={"qtype": fmt})
             elif fmt == "bf16":
                 gen = torch.Generator(device=self.device).manual_seed(seed)
