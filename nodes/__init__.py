@@ -1,4 +1,4 @@
-"""ComfyUI adapters. Nothing here imports comfy.* at import time."""
+"""ComfyUI node declarations; each execute body hands over to host/. Nothing here imports comfy.*."""
 from .attention import LowVRAMAttention
 from .lora import LowVRAMLoraLoader
 from .model_loader import LowVRAMModelLoader

@@ -5,7 +5,7 @@ import types
 import pytest
 
 from kontext_lowvram import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from kontext_lowvram.nodes import model_loader
+from kontext_lowvram.host import files
 
 
 @pytest.fixture
@@ -33,11 +33,11 @@ def test_every_node_is_declared_completely(fake_folder_paths):
 
 
 def test_model_list_and_paths(fake_folder_paths):
-    names = model_loader.model_files()
+    names = files.model_files()
     assert names == ["a.gguf", "c.sft", "sub/b.safetensors"]  # no pickles, no stray files
-    assert model_loader.model_path("c.sft").endswith("unet/c.sft")
+    assert files.model_path("c.sft").endswith("unet/c.sft")
     with pytest.raises(FileNotFoundError, match="missing.gguf.*diffusion_models"):
-        model_loader.model_path("missing.gguf")
+        files.model_path("missing.gguf")
 
 
 def test_package_imports_without_comfyui():

@@ -412,8 +412,9 @@ def run(args):
 
     from kontext_lowvram.loaders.flux_layout import FLUX_DEV
     from kontext_lowvram.loaders.writers import to_safetensors_dict
-    from kontext_lowvram.nodes.lora import apply_plan, plan_for_model
-    from kontext_lowvram.nodes.model_loader import build_model
+    from kontext_lowvram.host import compat
+    from kontext_lowvram.host.lora import apply_plan, plan_for_model
+    from kontext_lowvram.host.model import build_model
     from kontext_lowvram.optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
     from kontext_lowvram.optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
     from kontext_lowvram.optimizations.fp8_linear import ENV_ROWWISE
@@ -475,8 +476,7 @@ def run(args):
             return comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)[0]
         return wrapped
 
-    is_v029 = hasattr(comfy.sd, "load_diffusion_model_state_dict") and "metadata" in \
-        comfy.sd.load_diffusion_model_state_dict.__code__.co_varnames
+    is_v029 = compat.diffusion_loader_reads_metadata()
     configs = [("core", "bf16", core("bf16"))]
     if "core" in args.include:
         configs += [("core", "fp8 native (comfy_quant)", core("fp8_native"))] if is_v029 else \

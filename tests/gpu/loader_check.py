@@ -51,7 +51,7 @@ def run(args):
     import comfy.sd
 
     from kontext_lowvram.loaders.flux_layout import FLUX_DEV, FluxConfig
-    from kontext_lowvram.optimizations.ops import make_comfy_ops
+    from kontext_lowvram.host.ops import make_comfy_ops
 
     cfg = FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1) if args.tiny else FLUX_DEV
     dev = mm.get_torch_device()

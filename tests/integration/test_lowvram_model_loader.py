@@ -156,7 +156,7 @@ def test_kquant_runtime_matches_its_exact_values(comfy, original, flux_cfg, exac
 def test_core_lora_applies_to_quantized_model(comfy, write_format, exact_reference, flux_lora, fmt):
     """Core LoraLoaderModelOnly on our quantized model = core's LoRA on an fp32 model of the same values.
 
-    GGUF/NF4 layers stay quantized, the LoRA runs per forward (lora_patcher). fp8 layers are merged and stored as
+    GGUF/NF4 layers stay quantized, the LoRA runs per forward (host/patcher.py). fp8 layers are merged and stored as
     fp8 again, with core's stochastic rounding (the exact rounding is checked in test_host_lora_patches.py), so
     their error is that of an fp8 rounding of the merged weights: bounded by core's own fp8 + LoRA on the same
     file against the same fp32 merge."""
