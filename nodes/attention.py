@@ -4,6 +4,8 @@ from ..optimizations.attention import BACKENDS, DEFAULT_SPLIT_BYTES
 
 
 class LowVRAMAttention:
+    DISPLAY_NAME = "Attention Backend · Kontext LowVRAM"
+    SEARCH_ALIASES = ["sage attention", "flash attention"]
     DESCRIPTION = ("Chooses the attention implementation for this model only (the model is cloned; other models and "
                    "the global --use-*-attention flag are untouched). 'auto' tries SageAttention, FlashAttention, "
                    "xformers, then PyTorch SDPA, using the first that works on your GPU and dtype. 'split' bounds "
@@ -29,7 +31,7 @@ class LowVRAMAttention:
                 "xformers: memory-efficient attention (pip install xformers). "
                 "split: plain PyTorch in query chunks, bounded memory, slower; for when attention runs out of memory."}),
             "split_chunk_mb": ("INT", {"default": DEFAULT_SPLIT_BYTES // 2 ** 20, "min": 1, "max": 1 << 20,
-                                       "step": 1, "tooltip":
+                                       "step": 1, "advanced": True, "tooltip":
                 "Only for 'split': the most memory (MiB) one chunk of attention scores may take. Smaller uses less "
                 "VRAM and runs slower. FLUX Kontext at 1024x1024 needs ~7 GB for the full score matrix."}),
         }}

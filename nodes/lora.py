@@ -5,6 +5,8 @@ from ..host import files, lora
 
 
 class LowVRAMLoraLoader:
+    DISPLAY_NAME = "LoRA on Quantized Model (low-rank) · Kontext LowVRAM"
+    SEARCH_ALIASES = ["lora loader", "lora gguf"]
     DESCRIPTION = ("Applies a LoRA to the diffusion model. On GGUF/FP8/NF4 layers loaded by Kontext LowVRAM the "
                    "quantized weights stay quantized (no dense bf16 copy): the LoRA factors are moved to the GPU once "
                    "and each step adds them to the weight it dequantizes anyway (long inputs) or as a low-rank "

@@ -15,6 +15,8 @@ DEVICE_TOOLTIP = ("Where the text encoders run. gpu_then_release: encode on the 
 
 
 class LowVRAMTextEncoderLoader:
+    DISPLAY_NAME = "Load Text Encoders (lazy, GGUF/FP8) · Kontext LowVRAM"
+    SEARCH_ALIASES = ["dual clip loader", "t5", "clip loader gguf"]
     DESCRIPTION = ("Loads FLUX's two text encoders, CLIP-L and T5-XXL, from safetensors (bf16/fp16, fp8, scaled fp8) "
                    "or GGUF (city96's llama.cpp-named T5 files or ComfyUI naming). The weights are read only when "
                    "needed: with 'Text Encode (cached)' a cached prompt never loads them. Quantized T5 weights stay "
@@ -47,6 +49,8 @@ class LowVRAMTextEncoderLoader:
 
 
 class LowVRAMTextEncode:
+    DISPLAY_NAME = "Text Encode FLUX (cached) · Kontext LowVRAM"
+    SEARCH_ALIASES = ["clip text encode flux", "cached"]
     DESCRIPTION = ("FLUX / Kontext text encode with guidance (like CLIPTextEncodeFlux) and an on-disk cache: the "
                    "conditioning of a prompt is kept under ComfyUI's user folder, so repeating a prompt — even after a "
                    "restart — skips the text encoders entirely (they are not even loaded). Cache folder: "
@@ -77,7 +81,8 @@ class LowVRAMTextEncode:
                 "cache": ("BOOLEAN", {"default": True, "tooltip":
                           f"Read and write the on-disk conditioning cache in {where} . To clear it, delete that folder "
                           "(safe at any time, also while ComfyUI runs); off = always encode, store nothing."}),
-                "cache_max_mb": ("INT", {"default": DEFAULT_CACHE_MB, "min": 1, "max": 1 << 20, "step": 64, "tooltip":
+                "cache_max_mb": ("INT", {"default": DEFAULT_CACHE_MB, "min": 1, "max": 1 << 20, "step": 64,
+                                         "advanced": True, "tooltip":
                                  f"Size cap of {where} in MiB; the least recently used prompts are deleted beyond it. "
                                  "One FLUX prompt takes ~4-8 MB."}),
             },

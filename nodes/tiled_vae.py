@@ -18,6 +18,8 @@ BUDGET_INPUT = {"vram_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 2
 
 
 class LowVRAMTiledVAEDecode:
+    DISPLAY_NAME = "Tiled VAE Decode (seam-free) · Kontext LowVRAM"
+    SEARCH_ALIASES = ["vae decode tiled"]
     DESCRIPTION = ("Decodes a latent to an image tile by tile in a single pass, with no seams: the VAE runs layer by "
                    "layer over the tiles, every GroupNorm uses statistics gathered over the whole image and every "
                    "convolution sees its real neighbours through a 1-pixel halo, so the result matches the untiled "
@@ -44,6 +46,8 @@ class LowVRAMTiledVAEDecode:
 
 
 class LowVRAMTiledVAEEncode:
+    DISPLAY_NAME = "Tiled VAE Encode (seam-free) · Kontext LowVRAM"
+    SEARCH_ALIASES = ["vae encode tiled"]
     DESCRIPTION = ("Encodes an image to a latent tile by tile in a single pass, with no seams: every GroupNorm uses "
                    "statistics gathered over the whole image and every convolution sees its real neighbours, so the "
                    "latent matches the untiled VAE Encode to float precision. The tile size adapts to the free VRAM.")
