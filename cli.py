@@ -1,5 +1,6 @@
 """`kontext-lowvram` command line: `demo` (the README's first command), `info FILE`, `plan` and `bench` (GPU)."""
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -43,16 +44,27 @@ def _dequant_all(sd, device, dtype):
     return n, time.perf_counter() - t0
 
 
+def random_flux_weights(cfg, seed):
+    """Random bf16 values in the FLUX key layout of `cfg` (weights N(0, 0.02), norm scales near 1): a checkpoint to
+    write in every format and read back, not a model to run."""
+    import torch
+    from .loaders.flux_layout import flux_tensor_shapes
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (1 + 0.01 * torch.randn(shape, generator=gen) if k.endswith("_norm.scale")
+                else 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+            for k, shape in flux_tensor_shapes(cfg).items()}
+
+
 def demo(args):
     import torch
     from .loaders import load_model_file, quantize_state_dict
-    from .loaders.flux_layout import FluxConfig, random_flux_state_dict
+    from .loaders.flux_layout import FluxConfig
     from .optimizations import QTensor, dequantize
 
     cfg = FluxConfig(hidden_size=args.hidden, num_heads=args.hidden // 128, depth=args.double, depth_single_blocks=args.single)
     print(f"Synthetic FLUX-layout transformer: hidden {cfg.hidden_size}, {cfg.depth} double + {cfg.depth_single_blocks} "
           f"single blocks, {cfg.num_params / 1e6:.1f} M params (random weights, real key layout)")
-    ref = random_flux_state_dict(cfg, seed=args.seed, dtype=torch.bfloat16)
+    ref = random_flux_weights(cfg, args.seed)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -175,7 +187,40 @@ def plan_main(args):
     return 0 if p.fits else 1
 
 
+# The GPU benchmark is a tool of the source checkout (tools/ is not installed with the package).
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "bench.py")
+BENCH_MODULE = "kontext_lowvram_bench"
+
+
+def load_bench():
+    """tools/bench.py as a module (loaded once), or None where this install has no source checkout around it."""
+    if BENCH_MODULE not in sys.modules:
+        if not os.path.isfile(BENCH):
+            return None
+        spec = importlib.util.spec_from_file_location(BENCH_MODULE, BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[BENCH_MODULE] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[BENCH_MODULE]
+            raise
+    return sys.modules[BENCH_MODULE]
+
+
+def bench(argv):
+    module = load_bench()
+    if module is None:
+        print("kontext-lowvram bench runs from a git checkout of comfyui-kontext-lowvram (tools/bench.py is not "
+              "installed with the package): clone it, `pip install -e .` there and run it again", file=sys.stderr)
+        return 2
+    return module.main(argv)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after it is the bench's own (tools/bench.py parses them)
+        return bench(argv[1:])
     p = argparse.ArgumentParser(prog="kontext-lowvram", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build a synthetic FLUX checkpoint, write it in every format, load each back, print a table")
@@ -189,8 +234,9 @@ def main(argv=None):
     i.add_argument("file")
     i.set_defaults(fn=info)
     add_plan_parser(sub)
-    from .bench import add_parser, bench_main
-    add_parser(sub).set_defaults(fn=bench_main)
+    sub.add_parser("bench", add_help=False, help="full-size FLUX s/step / peak VRAM per format vs ComfyUI core and "
+                                                 "ComfyUI-GGUF (CUDA GPU and COMFYUI_PATH needed; runs tools/bench.py "
+                                                 "of a source checkout: `kontext-lowvram bench --help`)")
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -1,9 +1,9 @@
 """FLUX.1 tensor layout (transformer + VAE) as BFL / ComfyUI checkpoints name it.
 
-Pure torch: nothing here imports ComfyUI. The names and shapes were checked against the modules
-ComfyUI builds (``comfy/ldm/flux/model.py`` and ``comfy/ldm/modules/diffusionmodules/model.py``,
-instantiated on the meta device) in ComfyUI v0.3.64 and v0.29, and are generated here
-programmatically from a :class:`FluxConfig`.
+Names and shapes only, no ComfyUI import (tests/fixtures/flux.py fills them with random values). They were
+checked against the modules ComfyUI builds (``comfy/ldm/flux/model.py`` and
+``comfy/ldm/modules/diffusionmodules/model.py``, instantiated on the meta device) in ComfyUI v0.3.64 and v0.29,
+and are generated here programmatically from a :class:`FluxConfig`.
 
 The RMSNorm (QK-norm) scales are named ``*_norm.scale`` as in the files; ComfyUI v0.4+ renames
 them to ``*_norm.weight`` in memory when it loads a FLUX model.
@@ -18,22 +18,18 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
-
 __all__ = [
     "FluxConfig",
     "FLUX_DEV",
     "FLUX_SCHNELL",
     "TRANSFORMER_PREFIXES",
     "flux_tensor_shapes",
-    "random_flux_state_dict",
     "detect_flux_config",
     "strip_transformer_prefix",
     "FluxVAEConfig",
     "FLUX_VAE",
     "FLUX_VAE_SHAPES",
     "flux_vae_tensor_shapes",
-    "random_flux_vae_state_dict",
 ]
 
 
@@ -140,35 +136,6 @@ def flux_tensor_shapes(cfg: FluxConfig = FLUX_DEV) -> dict[str, tuple]:
     linear("final_layer.linear", cfg.out_channels, h)
     linear("final_layer.adaLN_modulation.1", 2 * h, h)
     return shapes
-
-
-def _is_norm_scale(key: str) -> bool:
-    return key.endswith("_norm.scale")
-
-
-def random_flux_state_dict(
-    cfg: FluxConfig = FLUX_DEV,
-    seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
-    std: float = 0.02,
-) -> dict[str, torch.Tensor]:
-    """A random transformer state dict (no prefix) with the FLUX layout for ``cfg``.
-
-    Weights ~ N(0, std), biases ~ N(0, std / 10), RMSNorm scales ~ 1 + N(0, 0.01).
-    Deterministic per ``seed`` (CPU generator, drawn in float32 then cast), never all zeros.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    out: dict[str, torch.Tensor] = {}
-    for key, shape in flux_tensor_shapes(cfg).items():
-        t = torch.empty(shape, dtype=torch.float32)
-        if _is_norm_scale(key):
-            t.normal_(0.0, 0.01, generator=gen).add_(1.0)
-        elif key.endswith(".bias"):
-            t.normal_(0.0, std * 0.1, generator=gen)
-        else:
-            t.normal_(0.0, std, generator=gen)
-        out[key] = t.to(dtype)
-    return out
 
 
 def strip_transformer_prefix(key: str) -> str:
@@ -369,54 +336,3 @@ def flux_vae_tensor_shapes(cfg: FluxVAEConfig = FLUX_VAE) -> dict[str, tuple]:
 
 
 FLUX_VAE_SHAPES: dict[str, tuple] = flux_vae_tensor_shapes()
-
-
-def random_flux_vae_state_dict(
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    cfg: FluxVAEConfig = FLUX_VAE,
-) -> dict[str, torch.Tensor]:
-    """A random FLUX VAE whose encode/decode stay finite and unsaturated.
-
-    Convs: N(0, gain / sqrt(fan_in)) with gain sqrt(2) (ReLU-ish kaiming) for the first conv of
-    each residual branch and a damped gain for the branch output so the residual stream does not
-    blow up; attention q/k/v small, the output convs scaled so pixel values land well inside
-    [-1, 1]. Biases 0, GroupNorm weights 1. Deterministic per ``seed``.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    out: dict[str, torch.Tensor] = {}
-    for key, shape in flux_vae_tensor_shapes(cfg).items():
-        if key.endswith(".bias"):
-            t = torch.zeros(shape, dtype=torch.float32)
-        elif len(shape) == 1:  # GroupNorm weight
-            t = torch.ones(shape, dtype=torch.float32)
-        else:
-            fan_in = shape[1] * shape[2] * shape[3]
-            if key.endswith("conv2.weight") or ".attn_1.proj_out." in key:
-                gain = 0.3  # residual branch output
-            elif ".attn_1." in key:
-                gain = 0.5
-            elif key.startswith("decoder.conv_out"):
-                gain = 0.3
-            elif key.startswith("encoder.conv_out"):
-                gain = 0.5
-            else:
-                gain = 2.0 ** 0.5
-            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, gain / fan_in ** 0.5, generator=gen)
-        out[key] = t.to(dtype)
-    return out
-
-
-def perturb_vae_affine(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """`sd` with non-trivial GroupNorm weight/bias and conv biases (random, deterministic per ``seed``), in place.
-
-    ``random_flux_vae_state_dict`` keeps GroupNorm weight 1 / bias 0 and zero biases; tests of tiled GroupNorm
-    need every affine term exercised."""
-    g = torch.Generator().manual_seed(int(seed))
-    for k, v in sd.items():
-        if v.ndim == 1 and "norm" in k:
-            sd[k] = (1.0 + 0.25 * torch.randn(v.shape, generator=g)) if k.endswith("weight") \
-                else 0.1 * torch.randn(v.shape, generator=g)
-        elif k.endswith(".bias"):
-            sd[k] = 0.02 * torch.randn(v.shape, generator=g)
-    return sd

@@ -268,7 +268,7 @@ def pair_by_kind(infos, paths):
     return kinds
 
 
-# ---- synthetic files (tests, demos): the real key layout with random values ----
+# ---- the layouts files are checked against (tests/fixtures fill them with random values) ----
 
 def t5_tensor_shapes(cfg=None) -> dict:
     """HF/ComfyUI names and shapes of a gated T5 encoder (T5-XXL by default)."""
@@ -303,17 +303,3 @@ def clip_l_tensor_shapes(cfg=None) -> dict:
         shapes.update({b + "mlp.fc1.weight": (ff, d), b + "mlp.fc1.bias": (ff,), b + "mlp.fc2.weight": (d, ff),
                        b + "mlp.fc2.bias": (d,)})
     return shapes
-
-
-def random_state_dict(shapes, seed=0, dtype=torch.bfloat16, std=0.05):
-    """Random values for `shapes`: norm scales near 1, everything else N(0, std) (embeddings N(0, 1))."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in shapes.items():
-        t = torch.randn(shape, generator=g)
-        if "norm" in k and k.endswith("weight"):
-            t = 1.0 + 0.1 * t
-        elif not (k.endswith("embedding.weight") or k == "shared.weight" or "relative_attention_bias" in k):
-            t = t * std
-        out[k] = t.to(dtype)
-    return out

@@ -1,5 +1,6 @@
-"""Writers for every format we read (used by the converter, the CLI demo and tests). Outputs are written to a
-temporary name and renamed into place, so an interrupted write never leaves a half-written model behind."""
+"""Writers for every format we read (the CLI demo, the bench and tests write models with them; the conditioning
+cache writes its entries through atomic_write). Outputs are written to a temporary name and renamed into place, so
+an interrupted write never leaves a half-written file behind."""
 import json
 import math
 import os

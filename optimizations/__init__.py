@@ -1,4 +1,5 @@
-"""Plain-PyTorch machinery: dequantization, quantized ops, (later) offload, attention and tiling."""
+"""Plain PyTorch, no ComfyUI: dequantization, the quantized linear with its LoRA deltas and fp8 matmul, attention
+backends, tiling and the conditioning cache."""
 import torch
 
 from .qtensor import QTensor, QWeight

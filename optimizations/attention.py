@@ -396,7 +396,9 @@ class AttentionOverride:
     ``override(original_fn, *args, **kwargs)``. A call this pack's backends cannot represent (an unknown option
     such as ``enable_gqa=True``, or k/v with a different head count) goes to ``original_fn`` unchanged.
 
-    Immutable and shared by the model's clones (``__deepcopy__`` returns itself).
+    Shared by the model's clones (``__deepcopy__`` returns itself): the backend and split budget are fixed when it is
+    made; it counts the calls it ran (``calls``) and those it handed to ``original_fn`` (``delegated``), and logs the
+    first call it runs.
     """
 
     def __init__(self, backend: str, split_budget_bytes: int = DEFAULT_SPLIT_BYTES):

@@ -5,11 +5,9 @@ host moves, pins and offloads it like any other tensor. What it takes to read it
 lives on the module instance and small statistics (nf4 absmax/code, fp8 scale) are non-persistent buffers, so
 one model's settings never leak into another's.
 
-`QuantLinear` is the plain-PyTorch layer (tests, CLI); `make_comfy_ops()` builds ComfyUI `custom_operations`
-around the same functions, importing comfy lazily.
+`QuantLinear` is the plain-PyTorch layer; host/ops.py builds ComfyUI's `custom_operations` around the same
+functions.
 """
-import inspect
-
 import torch
 
 from .fp8_linear import fp8_linear, use_fp8_matmul
@@ -20,8 +18,6 @@ from .quant import dequantize_raw, triton_dequant, triton_lora, triton_matmul
 RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_GGUF_TYPES = ("F16", "BF16", "F32")  # "dequantized" by reinterpreting the stored bytes
 AUX_PREFIX = "klv_aux_"
-# A core LoRA kept per forward on a GGUF/NF4 layer rides its weight Parameter (see lora_patcher.py)
-HOST_PATCH_ATTR = "klv_host_patch"
 
 
 def adopt_quantized_weight(module: torch.nn.Module, qt: QTensor) -> None:
@@ -45,7 +41,7 @@ def stores_floats(module) -> bool:
     return module.klv_qformat == "gguf" and module.klv_meta.get("qtype") in FLOAT_GGUF_TYPES
 
 
-def _aux_tensor(module, name):
+def aux_tensor(module, name):
     """The module's aux buffer `name` (e.g. the fp8 scale), or None when its format has none."""
     return getattr(module, AUX_PREFIX + name) if name in module.klv_aux_names else None
 
@@ -69,11 +65,6 @@ def use_fused_small_matmul(module, raw: torch.Tensor, x: torch.Tensor) -> bool:
     return (triton_matmul.enabled() and triton_matmul.supports(module.klv_qformat, module.klv_meta,
                                                                module.klv_qshape, x)
             and triton_dequant.available(raw.device))
-
-
-def quantized_bytes(module) -> int:
-    n = module.weight.numel() * module.weight.element_size()
-    return n + sum(getattr(module, AUX_PREFIX + a).nbytes for a in module.klv_aux_names)
 
 
 def fused_lora_weight(module, raw: torch.Tensor, low_rank, dtype: torch.dtype):
@@ -101,7 +92,7 @@ def quantized_linear(module, x, raw, bias, weight_fns=(), fp8_matmul=True):
     """
     low_rank, weight_fns = split_low_rank(weight_fns)
     if fp8_matmul and not weight_fns and module.klv_qformat == "fp8" and use_fp8_matmul(raw, x):
-        out = fp8_linear(x, raw, _aux_tensor(module, "scale"), bias)
+        out = fp8_linear(x, raw, aux_tensor(module, "scale"), bias)
     elif not weight_fns and use_fused_small_matmul(module, raw, x):
         out = triton_matmul.linear(x, module_qweight(module, raw), bias)
     else:
@@ -142,107 +133,3 @@ class QuantLinear(torch.nn.Module):
         b = self.bias.to(device=x.device, dtype=x.dtype) if self.bias is not None else None
         return quantized_linear(self, x, self.weight.to(x.device, non_blocking=True), b, self.weight_function,
                                 self.fp8_matmul)
-
-
-def make_comfy_ops(fp8_matmul: bool = True):
-    """ComfyUI `custom_operations` (a manual_cast subclass) whose Linear takes QTensor weights.
-
-    fp8_matmul: e4m3 weights multiply in fp8 on GPUs that support it (see fp8_linear); False always upcasts.
-    A new class per call, so one load's options never reach another's modules.
-    """
-    import comfy.ops
-    base = comfy.ops.manual_cast
-    cast_params = inspect.signature(comfy.ops.cast_bias_weight).parameters
-    offloadable = "offloadable" in cast_params  # v0.29+: async offload streams, dynamic VRAM
-
-    def cast_raw(module, input):
-        """Move raw weight + bias to the compute device through the host's own cast path (pinning, offload
-        streams, dynamic VRAM); LoRA weight functions are held back and returned, to run after dequantization.
-        A LoRA the host would have merged at load (lora_patcher) comes first, as a merged weight would."""
-        kept = getattr(module.weight, HOST_PATCH_ATTR, None)
-        fns = list(module.weight_function)
-        lowvram = getattr(module, "weight_lowvram_function", None)
-        if fns:
-            module.weight_function = []
-        if lowvram is not None:
-            module.weight_lowvram_function = None
-        try:
-            kw = dict(dtype=module.weight.dtype, bias_dtype=input.dtype)
-            if offloadable:
-                weight, bias, stream = comfy.ops.cast_bias_weight(module, input, offloadable=True, **kw)
-            else:
-                (weight, bias), stream = comfy.ops.cast_bias_weight(module, input, **kw), None
-        finally:
-            if fns:
-                module.weight_function = fns
-            if lowvram is not None:
-                module.weight_lowvram_function = lowvram
-        held = ([kept] if kept is not None else []) + fns + ([lowvram] if lowvram is not None else [])
-        return weight, bias, stream, held
-
-    class KontextLowVRAMOps(base):
-        class Linear(base.Linear):
-            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-                # No full-size float allocation: the state dict supplies every tensor (a 12B model would
-                # otherwise claim 24 GB of RAM before the quantized weights arrive).
-                torch.nn.Module.__init__(self)
-                self.in_features, self.out_features = in_features, out_features
-                self.weight = None
-                self.bias = None
-
-            def reset_parameters(self):
-                return None
-
-            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs):
-                for key in [k for k in state_dict if k.startswith(prefix)]:
-                    name, value = key[len(prefix):], state_dict[key]
-                    if name == "weight" and isinstance(value, QTensor):
-                        adopt_quantized_weight(self, value)
-                    elif name in ("weight", "bias"):
-                        setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
-                    elif "." not in name:
-                        unexpected_keys.append(key)
-                if self.weight is None:
-                    missing_keys.append(prefix + "weight")
-
-            def forward_comfy_cast_weights(self, input, *args, **kwargs):
-                if not is_quantized(self):
-                    return super().forward_comfy_cast_weights(input, *args, **kwargs)
-                raw, bias, stream, fns = cast_raw(self, input)
-                out = quantized_linear(self, input, raw, bias, fns, fp8_matmul)
-                if stream is not None:
-                    comfy.ops.uncast_bias_weight(self, raw, bias, stream)
-                return out
-
-            # ModelPatcher's seam for patching weights it cannot read (comfy.model_patcher.get_key_weight):
-            # it hands us a cast of the raw storage; we answer with the real values, then take the merged
-            # result back. A merged fp8 weight is fp8 again. GGUF/NF4 layers under our loader's patcher are not
-            # merged (lora_patcher keeps them quantized); under another patcher a merged one stays dense (bf16)
-            # until the host restores its backup of the raw one.
-            def convert_weight(self, weight, inplace=False, **kwargs):
-                if not is_quantized(self):
-                    return weight
-                return dequantize_module_weight(self, self.weight.to(weight.device), weight.dtype)
-
-            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-                if return_weight:
-                    return weight
-                import comfy.float
-                quantized = is_quantized(self)
-                fp8 = quantized and self.klv_qformat == "fp8"
-                if fp8:
-                    # As core's scaled-fp8 layers: the merged weight goes back to fp8 under the layer's own
-                    # scale (stochastic rounding), so a LoRA'd layer keeps fp8 memory and the fp8 matmul, and
-                    # the host's restore of the raw weight alone brings the original back.
-                    scale = _aux_tensor(self, "scale")
-                    if scale is not None:
-                        weight = weight / scale.to(device=weight.device, dtype=weight.dtype)
-                dtype = torch.bfloat16 if quantized and not fp8 else self.weight.dtype
-                value = comfy.float.stochastic_rounding(weight, dtype, seed=seed or 0)
-                if inplace_update and value.dtype == self.weight.dtype:
-                    self.weight.data.copy_(value)
-                else:
-                    self.weight = torch.nn.Parameter(value, requires_grad=False)
-
-    return KontextLowVRAMOps

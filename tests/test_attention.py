@@ -421,7 +421,8 @@ class _FakePatcher:
 
 
 def test_node_installs_override_on_a_clone_only():
-    from kontext_lowvram.nodes.attention import LowVRAMAttention, model_attention_params
+    from kontext_lowvram.host.attention import model_attention_params
+    from kontext_lowvram.nodes.attention import LowVRAMAttention
 
     base = _FakePatcher()
     assert model_attention_params(base) == (torch.device("cpu"), torch.float32, 128)
@@ -435,7 +436,7 @@ def test_node_installs_override_on_a_clone_only():
 
 
 def test_node_fp8_storage_probes_a_compute_dtype():
-    from kontext_lowvram.nodes.attention import model_attention_params
+    from kontext_lowvram.host.attention import model_attention_params
 
     assert model_attention_params(_FakePatcher(torch.float8_e4m3fn))[1] == torch.bfloat16
 

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from kontext_lowvram.loaders import ModelFileError, load_model_file, load_state_dict, quantize_state_dict
-from kontext_lowvram.loaders.text_encoders import (clip_l_tensor_shapes, random_state_dict, read_text_encoder,
+from kontext_lowvram.loaders.text_encoders import (clip_l_tensor_shapes, read_text_encoder,
                                                    t5_tensor_shapes)
 from kontext_lowvram.loaders.writers import to_safetensors_dict, write_gguf, write_safetensors
 from kontext_lowvram.optimizations import QTensor, dequantize, quantize
+from fixtures.text_encoders import random_state_dict
 
 BLOCK = "double_blocks.0.img_attn.qkv"
 TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2}

@@ -410,8 +410,9 @@ class FakeClip:
 
 @pytest.fixture
 def node(tmp_path, monkeypatch):
+    from kontext_lowvram.host import conditioning
     from kontext_lowvram.nodes import text_encoder
-    monkeypatch.setattr(text_encoder, "cache_directory", lambda: str(tmp_path / "cond_cache"))
+    monkeypatch.setattr(conditioning, "cache_directory", lambda: str(tmp_path / "cond_cache"))
     return text_encoder.LowVRAMTextEncode()
 
 
@@ -426,9 +427,9 @@ def test_node_hit_after_miss(node, tmp_path, caplog):
 
 @pytest.mark.parametrize("where", ["dir_is_a_file", "parent_is_a_file"])
 def test_node_encodes_when_the_cache_folder_is_unusable(node, tmp_path, monkeypatch, caplog, where):
-    from kontext_lowvram.nodes import text_encoder
+    from kontext_lowvram.host import conditioning
     f = file_in_the_way(tmp_path)
-    monkeypatch.setattr(text_encoder, "cache_directory", lambda: str(f if where == "dir_is_a_file" else f / "c"))
+    monkeypatch.setattr(conditioning, "cache_directory", lambda: str(f if where == "dir_is_a_file" else f / "c"))
     clip = FakeClip()
     (cond,) = node.encode(clip, "a fox", "a fox in snow", 2.5)
     assert clip.tokenized == ["a fox", "a fox in snow"] and cond[0][1]["guidance"] == 2.5

@@ -9,9 +9,8 @@ from kontext_lowvram.loaders.flux_layout import (
     detect_flux_config,
     flux_tensor_shapes,
     flux_vae_tensor_shapes,
-    random_flux_state_dict,
-    random_flux_vae_state_dict,
 )
+from fixtures.flux import random_flux_state_dict, random_flux_vae_state_dict
 
 TINY = FluxConfig(
     hidden_size=256, num_heads=2, depth=2, depth_single_blocks=3,

@@ -7,6 +7,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant.common import QuantDataError, UnsupportedQuantType
+from fixtures.gguf_blocks import random_blocks
 
 # Only real devices: no skipped "cuda" params on CPU-only machines.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -277,9 +278,9 @@ def test_wrong_raw_dtype():
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q3_K, Q.IQ4_XS, Q.Q8_0])
 def test_random_blocks_have_the_requested_scale(qtype):
-    raw = gq.random_blocks(qtype, (64, 512), std=0.05, seed=3)
+    raw = random_blocks(qtype, (64, 512), std=0.05, seed=3)
     assert raw.dtype == torch.uint8 and tuple(raw.shape) == gq.byte_shape((64, 512), qtype)
     ref = _reference(raw.numpy(), qtype)  # gguf-py's view of the same bytes
     assert torch.isfinite(ref).all()
     assert abs(ref.std().item() - 0.05) < 0.005
-    assert not torch.equal(raw, gq.random_blocks(qtype, (64, 512), std=0.05, seed=4))
+    assert not torch.equal(raw, random_blocks(qtype, (64, 512), std=0.05, seed=4))

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from kontext_lowvram.cli import load_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,7 +39,7 @@ def test_bench_profile_counts_every_kernel_of_ours_as_quant():
     there (a renamed or new kernel silently counted as 'other' would misstate the profile of a miss)."""
     import ast
 
-    from kontext_lowvram.bench import profile_category
+    profile_category = load_bench().profile_category
     path = os.path.join(ROOT, "optimizations", "quant", "triton_kernels.py")
     kernels = [f.name for f in ast.parse(open(path).read()).body
                if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")]
@@ -49,7 +51,7 @@ def test_bench_profile_counts_every_kernel_of_ours_as_quant():
 
 
 def test_bench_states_each_target_from_the_rows_of_one_run():
-    from kontext_lowvram.bench import target_lines
+    target_lines = load_bench().target_lines
 
     def row(who, label, s):
         return (who, label, s, 1.0, 1.0, 1.0, "", "ModelPatcher", None)

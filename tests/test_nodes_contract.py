@@ -4,8 +4,32 @@ import types
 
 import pytest
 
-from kontext_lowvram import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from kontext_lowvram.nodes import model_loader
+from kontext_lowvram import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, NODES
+from kontext_lowvram.host import files
+
+DISPLAY_NAMES = {
+    "LowVRAMModelLoader": "Load Diffusion Model (GGUF/FP8/NF4) · Kontext LowVRAM",
+    "LowVRAMTiledVAEDecode": "Tiled VAE Decode (seam-free) · Kontext LowVRAM",
+    "LowVRAMTiledVAEEncode": "Tiled VAE Encode (seam-free) · Kontext LowVRAM",
+    "LowVRAMAttention": "Attention Backend · Kontext LowVRAM",
+    "LowVRAMLoraLoader": "LoRA on Quantized Model (low-rank) · Kontext LowVRAM",
+    "LowVRAMTextEncoderLoader": "Load Text Encoders (lazy, GGUF/FP8) · Kontext LowVRAM",
+    "LowVRAMTextEncode": "Text Encode FLUX (cached) · Kontext LowVRAM",
+}
+# what people type into ComfyUI v0.29's node search to find each node (older hosts ignore SEARCH_ALIASES)
+SEARCH_ALIASES = {
+    "LowVRAMModelLoader": ["gguf", "unet loader", "load diffusion model", "fp8", "nf4", "flux kontext"],
+    "LowVRAMTextEncoderLoader": ["dual clip loader", "t5", "clip loader gguf"],
+    "LowVRAMTiledVAEDecode": ["vae decode tiled"],
+    "LowVRAMTiledVAEEncode": ["vae encode tiled"],
+    "LowVRAMLoraLoader": ["lora loader", "lora gguf"],
+    "LowVRAMAttention": ["sage attention", "flash attention"],
+    "LowVRAMTextEncode": ["clip text encode flux", "cached"],
+}
+# expert inputs v0.29's frontend folds away ({"advanced": True}; older hosts show them as usual)
+ADVANCED = {("LowVRAMModelLoader", "compute_dtype"), ("LowVRAMModelLoader", "fp8_matmul"),
+            ("LowVRAMModelLoader", "torch_compile"), ("LowVRAMTextEncode", "cache_max_mb"),
+            ("LowVRAMAttention", "split_chunk_mb")}
 
 
 @pytest.fixture
@@ -32,18 +56,33 @@ def test_every_node_is_declared_completely(fake_folder_paths):
                 assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
 
 
+def test_mappings_are_built_from_the_one_node_list():
+    assert NODE_CLASS_MAPPINGS == {cls.__name__: cls for cls in NODES} and len(NODES) == len(set(NODES))
+    assert NODE_DISPLAY_NAME_MAPPINGS == {cls.__name__: cls.DISPLAY_NAME for cls in NODES}
+    assert NODE_DISPLAY_NAME_MAPPINGS == DISPLAY_NAMES
+
+
+def test_search_aliases_and_advanced_inputs(fake_folder_paths):
+    assert {name: cls.SEARCH_ALIASES for name, cls in NODE_CLASS_MAPPINGS.items()} == SEARCH_ALIASES
+    advanced = {(name, inp) for name, cls in NODE_CLASS_MAPPINGS.items() for section in cls.INPUT_TYPES().values()
+                for inp, spec in section.items() if spec[1].get("advanced") is True}
+    assert advanced == ADVANCED
+
+
 def test_model_list_and_paths(fake_folder_paths):
-    names = model_loader.model_files()
+    names = files.model_files()
     assert names == ["a.gguf", "c.sft", "sub/b.safetensors"]  # no pickles, no stray files
-    assert model_loader.model_path("c.sft").endswith("unet/c.sft")
+    assert files.model_path("c.sft").endswith("unet/c.sft")
     with pytest.raises(FileNotFoundError, match="missing.gguf.*diffusion_models"):
-        model_loader.model_path("missing.gguf")
+        files.model_path("missing.gguf")
 
 
 def test_package_imports_without_comfyui():
     """Importing the pack (as ComfyUI and the tests do) must not import comfy.* or folder_paths."""
     import subprocess
-    code = ("import sys, kontext_lowvram, kontext_lowvram.loaders, kontext_lowvram.optimizations.ops, kontext_lowvram.cli, kontext_lowvram.bench;"
+    code = ("import sys, kontext_lowvram, kontext_lowvram.loaders, kontext_lowvram.optimizations.ops, kontext_lowvram.cli,"
+            " kontext_lowvram.host.ops, kontext_lowvram.host.patcher, kontext_lowvram.host.model;"
+            "assert kontext_lowvram.cli.load_bench() is not None;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')];"
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

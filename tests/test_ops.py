@@ -4,6 +4,7 @@ import torch
 
 from kontext_lowvram.optimizations import QTensor, dequantize, quantize
 from kontext_lowvram.optimizations.ops import QuantLinear, is_quantized
+from fixtures.gguf_blocks import random_blocks
 
 FORMATS = ["Q8_0", "Q4_0", "fp8_e4m3fn_scaled", "fp8_e5m2_scaled", "nf4"]
 
@@ -40,11 +41,10 @@ def test_aux_tensors_travel_with_the_module():
 def test_quantized_forward_traces_without_graph_breaks(fmt):
     """torch.compile(fullgraph=True) fails on any graph break in the hot path (dequant + LoRA + matmul)."""
     from kontext_lowvram.optimizations.lora import LowRankDelta
-    from kontext_lowvram.optimizations.quant import gguf as gq
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     if fmt == "Q4_K":
-        qw = QTensor(gq.random_blocks("Q4_K", (64, 256), std=0.02), qformat="gguf", shape=(64, 256), meta={"qtype": "Q4_K"})
+        qw = QTensor(random_blocks("Q4_K", (64, 256), std=0.02), qformat="gguf", shape=(64, 256), meta={"qtype": "Q4_K"})
     else:
         qw = quantize(torch.randn(64, 256, generator=g) * 0.02, fmt)
     layer = QuantLinear(qw)

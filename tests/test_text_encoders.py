@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 
 from kontext_lowvram.loaders import ModelFileError
 from kontext_lowvram.loaders.text_encoders import (T5_XXL, clip_l_tensor_shapes, is_linear_weight, llamacpp_t5_name,
-                                                   pair_by_kind, pick_device_policy, random_state_dict,
+                                                   pair_by_kind, pick_device_policy,
                                                    read_text_encoder, t5_config_overrides, t5_tensor_shapes)
 from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
 from kontext_lowvram.optimizations import QTensor, dequantize, quantize
+from fixtures.text_encoders import random_state_dict
 from t5_files import TINY_T5, llamacpp_names, write_llamacpp_t5
 
 TINY_CLIP = {"intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 1000}

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kontext_lowvram.loaders.flux_layout import FluxVAEConfig, perturb_vae_affine, random_flux_vae_state_dict
+from kontext_lowvram.loaders.flux_layout import FluxVAEConfig
 from kontext_lowvram.optimizations import tiling
+from fixtures.flux import perturb_vae_affine, random_flux_vae_state_dict
 
 torch.set_grad_enabled(False)
 
@@ -290,7 +291,7 @@ def test_unsupported_trees_are_refused():
 def test_node_swaps_forward_on_the_instance_only(small_vae):
     """The ComfyUI node routes ``decoder(...)`` to the tiled forward for one call and restores it after (also on
     errors); GroupNorm parameters of plain modules come without importing comfy."""
-    from kontext_lowvram.nodes import tiled_vae
+    from kontext_lowvram.host import vae as tiled_vae
 
     dec = small_vae.decoder
     z = latent((1, 16, 8, 8))

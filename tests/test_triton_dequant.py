@@ -14,6 +14,7 @@ from kontext_lowvram.optimizations.quant import (dequantize_raw, nf4_parts_from_
 from kontext_lowvram.optimizations.qtensor import QWeight
 from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4
+from fixtures.gguf_blocks import random_blocks
 
 TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 DTYPES = list(td.OUT_DTYPES)
@@ -47,7 +48,7 @@ def _shapes(qtype):
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gguf_exact(triton, qtype, dtype, device):
     for i, shape in enumerate(_shapes(qtype)):
-        raw = gq.random_blocks(qtype, shape, seed=i, device=device)
+        raw = random_blocks(qtype, shape, seed=i, device=device)
         got = td.dequantize_gguf(raw, qtype, shape, dtype)
         want = gq.dequantize(raw, qtype, shape, dtype)
         assert got.shape == want.shape == shape and got.dtype == dtype and got.device == raw.device
@@ -58,7 +59,7 @@ def test_gguf_exact(triton, qtype, dtype, device):
 def test_gguf_exact_flux_rows(triton, qtype):
     """A FLUX row count (3072 rows, as every FLUX linear has on one side), bf16 like the model runs."""
     shape = (3072, _block_size(qtype))
-    raw = gq.random_blocks(qtype, shape, seed=7)
+    raw = random_blocks(qtype, shape, seed=7)
     assert torch.equal(td.dequantize_gguf(raw, qtype, shape, torch.bfloat16),
                        gq.dequantize(raw, qtype, shape, torch.bfloat16))
 
@@ -80,12 +81,12 @@ def test_gguf_any_scale_bits(triton, qtype):
 def test_gguf_raw_layouts(triton):
     """Flat, (rows, bytes) and int8 storage give the same values; empty tensors work."""
     shape = (4, 512)
-    raw = gq.random_blocks("Q4_K", shape, seed=1)
+    raw = random_blocks("Q4_K", shape, seed=1)
     want = gq.dequantize(raw, "Q4_K", shape, torch.bfloat16)
     for r in (raw, raw.reshape(-1), raw.view(torch.int8)):
         assert torch.equal(td.dequantize_gguf(r, "Q4_K", shape, torch.bfloat16), want)
     # a non-contiguous view of the bytes (every other row of a bigger tensor)
-    big = gq.random_blocks("Q8_0", (8, 64), seed=2)
+    big = random_blocks("Q8_0", (8, 64), seed=2)
     assert torch.equal(td.dequantize_gguf(big[::2], "Q8_0", (4, 64), torch.float32),
                        gq.dequantize(big[::2].contiguous(), "Q8_0", (4, 64), torch.float32))
     empty = td.dequantize_gguf(torch.empty(0, 0, dtype=torch.uint8), "Q6_K", (0, 256), torch.float16)
@@ -93,7 +94,7 @@ def test_gguf_raw_layouts(triton):
 
 
 def test_gguf_errors_and_fallbacks(triton):
-    raw = gq.random_blocks("Q4_K", (2, 256), seed=0)
+    raw = random_blocks("Q4_K", (2, 256), seed=0)
     with pytest.raises(QuantDataError, match="expected 288 bytes"):
         td.dequantize_gguf(raw[:1], "Q4_K", (2, 256), torch.float32)
     with pytest.raises(QuantDataError, match="not a multiple"):
@@ -161,7 +162,7 @@ def test_compile_no_graph_break(triton, monkeypatch):
     backend is 'eager' (tests/gpu/kernel_check.py compiles the real thing with Inductor on CUDA)."""
     monkeypatch.setattr(td, "available", lambda device: True)
     shape = (8, 512)
-    raw = gq.random_blocks("Q4_K", shape, seed=0)
+    raw = random_blocks("Q4_K", shape, seed=0)
     q = nf4.quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)), double_quant=True)
     nraw, nmeta, naux = nf4_parts_from_weight(q)
     x = torch.randn(3, 512, dtype=torch.bfloat16)
@@ -216,7 +217,7 @@ def test_dispatch_cpu_uses_torch(monkeypatch):
     monkeypatch.delenv(td.ENV_DISABLE, raising=False)
     assert not td.available("cpu") and not td.available(torch.device("cpu"))
     _forbid(monkeypatch)
-    raw = gq.random_blocks("Q4_K", (2, 256))
+    raw = random_blocks("Q4_K", (2, 256))
     assert torch.equal(dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": "Q4_K"}, {}), torch.bfloat16),
                        gq.dequantize(raw, "Q4_K", (2, 256), torch.bfloat16))
     q, nraw, meta, aux = _nf4_parts()
@@ -255,15 +256,15 @@ def test_dispatch_chooses_triton_when_available(monkeypatch):
                         or torch.zeros(q.shape, dtype=dtype))
     for qtype in TYPES:
         shape = (2, _block_size(qtype))
-        raw = gq.random_blocks(qtype, shape)
+        raw = random_blocks(qtype, shape)
         dequantize_raw(QWeight(raw, "gguf", shape, {"qtype": qtype}, {}), torch.bfloat16)
-    raw = gq.random_blocks("Q4_K", (2, 256))
+    raw = random_blocks("Q4_K", (2, 256))
     dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": int(gq.Q.Q4_K)}, {}), torch.float32)  # type id works too
     assert calls == [("gguf", t, torch.bfloat16) for t in TYPES] + [("gguf", int(gq.Q.Q4_K), torch.float32)]
     calls.clear()
     assert {"IQ4_NL", "IQ4_XS", "Q2_K", "Q8_0"} <= set(TYPES)  # every block type has a kernel
     # no kernel: float64 output
-    raw = gq.random_blocks("Q8_0", (2, 256))
+    raw = random_blocks("Q8_0", (2, 256))
     dequantize_raw(QWeight(raw, "gguf", (2, 256), {"qtype": "Q8_0"}, {}), torch.float64)
     assert calls == []
     q, nraw, meta, aux = _nf4_parts()

@@ -12,10 +12,10 @@ from kontext_lowvram.optimizations import QWeight, quantize
 from kontext_lowvram.optimizations.lora import LowRankDelta, stacked_factors
 from kontext_lowvram.optimizations.ops import QuantLinear, dequantize_module_weight
 from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight
-from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4 as nf4q
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_lora as tlr
+from fixtures.gguf_blocks import random_blocks
 
 TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 
@@ -48,7 +48,7 @@ def test_gguf_lora_merge(triton, qtype, dtype):
     block = gq.BLOCK_TYPES_BY_NAME[qtype].block
     # rows not a multiple of the tile, K of 1 and 9 blocks; ranks below 16, between 16 and 32, above 32
     for i, (shape, rank) in enumerate([((37, 9 * block), 8), ((16, block), 20), ((21, 3 * block), 48)]):
-        raw = gq.random_blocks(qtype, shape, seed=i, std=0.05)
+        raw = random_blocks(qtype, shape, seed=i, std=0.05)
         _check("gguf", raw, {"qtype": qtype}, {}, shape, dtype, rank, seed=i)
 
 

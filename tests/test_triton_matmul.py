@@ -15,6 +15,7 @@ from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4 as nf4q
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_matmul as tm
+from fixtures.gguf_blocks import random_blocks
 
 TYPES = sorted(gq.BLOCK_TYPES_BY_NAME)
 # normwise relative error allowed per output dtype: about one rounding of the output
@@ -28,7 +29,7 @@ def triton():
 
 
 def _gguf(qtype, shape, seed):
-    return gq.random_blocks(qtype, shape, seed=seed, std=0.05), {"qtype": qtype}, {}
+    return random_blocks(qtype, shape, seed=seed, std=0.05), {"qtype": qtype}, {}
 
 
 def _nf4(shape, seed, nested, blocksize=64):
@@ -186,7 +187,7 @@ def test_fused_paths_trace_without_graph_breaks(triton, monkeypatch, fmt):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     if fmt == "Q4_K":
-        qw = QTensor(gq.random_blocks("Q4_K", (32, 256), std=0.05), qformat="gguf", shape=(32, 256),
+        qw = QTensor(random_blocks("Q4_K", (32, 256), std=0.05), qformat="gguf", shape=(32, 256),
                      meta={"qtype": "Q4_K"})
     else:
         qw = quantize(torch.randn(32, 256, generator=g) * 0.05, fmt)

@@ -582,29 +582,3 @@ __all__ = [
     "quantize",
     *(r.decode.__name__ for r in BLOCK_TYPES.values()),
 ]
-
-
-def random_blocks(qtype, shape, std: float = 0.02, seed: int = 0, device="cpu") -> torch.Tensor:
-    """Raw blocks of a random tensor of logical `shape` whose dequantized values have standard deviation ≈ std.
-
-    Any quantized type, including the K-quants gguf-py cannot quantize: random payload bytes, then the fp16
-    scale fields set so the values come out at the wanted scale (values are linear in d and dmin).
-    """
-    qtype = qtype_of(qtype)
-    if not is_quantized(qtype):
-        raise UnsupportedQuantType(f"{qtype.name} is not a block quant type")
-    shape = tuple(shape)
-    bshape = byte_shape(shape, qtype)
-    _, type_size = GGML_QUANT_SIZES[qtype]
-    gen = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (math.prod(bshape) // type_size, type_size), dtype=torch.uint8, generator=gen)
-
-    def set_fields(value: float):
-        field = torch.full((blocks.shape[0],), value, dtype=torch.float16).view(torch.uint8).reshape(-1, 2)
-        for off in BLOCK_TYPES[qtype].fp16_fields:
-            blocks[:, off:off + 2] = field
-
-    set_fields(1.0)
-    measured = dequantize(blocks, qtype, shape).std().item()
-    set_fields(std / measured if measured > 0 else std)
-    return blocks.reshape(bshape).to(device)

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the fixtures
 FORMATS = ["bf16", "Q8_0", "Q4_K", "fp8_e4m3fn_scaled", "nf4"]
 
 
@@ -24,7 +25,7 @@ def build_state_dict(cfg, fmt, device, seed=0):
     from kontext_lowvram.loaders.flux_layout import flux_tensor_shapes
     from kontext_lowvram.loaders.keys import should_quantize
     from kontext_lowvram.optimizations import QTensor, quantize
-    from kontext_lowvram.optimizations.quant import gguf as gq
+    from fixtures.gguf_blocks import random_blocks
     std = 1.2 / cfg.hidden_size ** 0.5
     gen = torch.Generator(device=device).manual_seed(seed)
     sd = {}
@@ -33,7 +34,7 @@ def build_state_dict(cfg, fmt, device, seed=0):
             sd[k] = torch.ones(shape, dtype=torch.bfloat16)
             continue
         if fmt == "Q4_K" and should_quantize(k, shape):
-            raw = gq.random_blocks("Q4_K", shape, std=std, seed=i)
+            raw = random_blocks("Q4_K", shape, std=std, seed=i)
             sd[k] = QTensor(raw, qformat="gguf", shape=shape, meta={"qtype": "Q4_K"})
             continue
         w = (torch.randn(shape, generator=gen, device=device) * (std if len(shape) > 1 else std / 10)).to(torch.bfloat16)
@@ -50,7 +51,7 @@ def run(args):
     import comfy.sd
 
     from kontext_lowvram.loaders.flux_layout import FLUX_DEV, FluxConfig
-    from kontext_lowvram.optimizations.ops import make_comfy_ops
+    from kontext_lowvram.host.ops import make_comfy_ops
 
     cfg = FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1) if args.tiny else FLUX_DEV
     dev = mm.get_torch_device()

@@ -21,7 +21,7 @@
 set -euo pipefail
 part=${1:?"usage: speed_runs.sh kernels|ratios|lora|fusedlora|others|small|compile"}
 out=${OUT:-.}
-bench() { python3 -m kontext_lowvram.bench "$@" --profile --out "$out/bench-$part.md"; }
+bench() { python3 tools/bench.py "$@" --profile --out "$out/bench-$part.md"; }
 
 case "$part" in
   kernels)  # ~3 min on an H100

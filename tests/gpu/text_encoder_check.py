@@ -78,8 +78,8 @@ def scenario(name, workdir, files):
     t0 = time.perf_counter()
     with torch.inference_mode():
         if name == "core":
-            from kontext_lowvram.bench import stub_missing_pyav
-            stub_missing_pyav()
+            from kontext_lowvram.cli import load_bench
+            load_bench().stub_missing_pyav()
             from comfy_extras.nodes_flux import CLIPTextEncodeFlux
             clip = comfy.sd.load_clip(ckpt_paths=[files[clip_l], files[t5]], clip_type=comfy.sd.CLIPType.FLUX,
                                       embedding_directory=None)

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the fixtures
+
 
 def psnr(a, b):
     mse = ((a.float().cpu() - b.float().cpu()) ** 2).mean().item()
@@ -54,11 +56,11 @@ def main(args):
     import comfy.model_management as mm
     import comfy.sd
 
-    from kontext_lowvram.bench import stub_missing_pyav
-    stub_missing_pyav()
+    from kontext_lowvram.cli import load_bench
+    load_bench().stub_missing_pyav()
     import nodes as core
 
-    from kontext_lowvram.loaders.flux_layout import random_flux_vae_state_dict
+    from fixtures.flux import random_flux_vae_state_dict
     from kontext_lowvram.nodes.tiled_vae import LowVRAMTiledVAEDecode, LowVRAMTiledVAEEncode
 
     vae = comfy.sd.VAE(sd=random_flux_vae_state_dict(seed=0))

@@ -31,6 +31,9 @@ from typing import Any, Iterable
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+TESTS_DIR = REPO_ROOT / "tests"
+if str(TESTS_DIR) not in sys.path:  # the model builders in tests/fixtures, also for scripts that import this file
+    sys.path.insert(0, str(TESTS_DIR))
 
 
 def _ensure_pack_importable() -> None:
@@ -53,11 +56,8 @@ def _ensure_pack_importable() -> None:
 
 _ensure_pack_importable()
 
-from kontext_lowvram.loaders.flux_layout import (  # noqa: E402
-    FluxConfig,
-    random_flux_state_dict,
-    random_flux_vae_state_dict,
-)
+from fixtures.flux import random_flux_state_dict, random_flux_vae_state_dict  # noqa: E402
+from kontext_lowvram.loaders.flux_layout import FluxConfig  # noqa: E402
 PACK_DIR_NAME = "comfyui-kontext-lowvram"
 TEST_NODES_FILE = "klv_test_nodes.py"
 VAE_NAME = "klv_flux_vae.safetensors"

@@ -8,7 +8,7 @@ test_host_lora_patches.py checks.
   plain LoRA, once with a LoRA plus a full-weight diff (which only the host can apply).
 - "fp8_merge": ModelPatcher.patch_model (the host merges at load) on an fp8 layer, then unpatch_model.
 - "kept_quantized": the same load-time merge on Q4_0 / Q8_0 / NF4 layers under our loader's patcher
-  (lora_patcher.keep_quantized_under_lora): the raw bytes stay, the LoRA runs per forward; then the host's other
+  (host.patcher.keep_quantized_under_lora): the raw bytes stay, the LoRA runs per forward; then the host's other
   ways to un-merge (partially_unload, unpatch_model) and a clone at another strength.
 - "non_dynamic_clone" (ComfyUI with dynamic VRAM only, else null): our loader's model asked for a copy without
   dynamic VRAM, as core's TorchCompileModel does (clone(disable_dynamic=True)), then a core LoRA on that copy.
@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness  # noqa: E402,F401  (maps kontext_lowvram onto this checkout when it is not installed)
 import torch  # noqa: E402
 
-from kontext_lowvram.bench import setup_comfy  # noqa: E402
+from kontext_lowvram.cli import load_bench  # noqa: E402
+
+setup_comfy = load_bench().setup_comfy
 
 IN_F, OUT_F, RANK = 64, 48, 4
 
@@ -29,14 +31,13 @@ IN_F, OUT_F, RANK = 64, 48, 4
 def non_dynamic_clone(comfy_path):
     """clone(disable_dynamic=True) of a model from our loader: ComfyUI loads it again through the model's
     cached_patcher_init. A CPU patcher is never dynamic, so the patcher says it is, as on a GPU."""
-    import inspect
-
     import comfy.lora
     import comfy.sd
 
-    if "disable_dynamic" not in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+    from kontext_lowvram.host import compat
+    if not compat.diffusion_loader_disables_dynamic():
         return None
-    from kontext_lowvram.nodes.model_loader import load_model
+    from kontext_lowvram.host.model import load_model
     from kontext_lowvram.optimizations.ops import is_quantized
 
     cfg = comfy_harness.flux_test_config(Path(comfy_path))
@@ -71,8 +72,9 @@ def main(comfy_path):
     import comfy.utils
 
     from kontext_lowvram.optimizations import QTensor, dequantize, quantize
-    from kontext_lowvram.optimizations.lora_patcher import keep_quantized_under_lora
-    from kontext_lowvram.optimizations.ops import HOST_PATCH_ATTR, is_quantized, make_comfy_ops
+    from kontext_lowvram.host.ops import HOST_PATCH_ATTR, make_comfy_ops
+    from kontext_lowvram.host.patcher import keep_quantized_under_lora
+    from kontext_lowvram.optimizations.ops import is_quantized
 
     string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
     calls = [0]

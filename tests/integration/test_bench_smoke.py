@@ -12,7 +12,7 @@ import sys
 
 
 def test_bench_smoke_runs_every_row_kind(comfy_root, tmp_path):
-    cmd = [sys.executable, "-m", "kontext_lowvram.bench", "--smoke", "--steps", "1", "--comfyui", str(comfy_root),
+    cmd = [sys.executable, "-m", "kontext_lowvram.cli", "bench", "--smoke", "--steps", "1", "--comfyui", str(comfy_root),
            "--formats", "Q8_0", "fp8_e4m3fn_scaled", "--lora", "Q8_0", "--include", "core", "fused", "rowwise",
            "corelora", "--profile", "--out", ""]  # the smoke table goes to stdout only
     gguf = os.environ.get("GGUF_NODE_PATH")

@@ -16,7 +16,7 @@ from kontext_lowvram.loaders import quantize_state_dict
 from kontext_lowvram.loaders.keys import should_quantize
 from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
 from kontext_lowvram.optimizations import QTensor, dequantize
-from kontext_lowvram.optimizations.quant import gguf as gq
+from fixtures.gguf_blocks import random_blocks
 
 # format -> (file suffix, quantization, writer option, bound vs the bf16 original).
 # Bounds are ~1.5x the errors measured on both ComfyUI versions (CPU, 2 steps): in these random models the latent
@@ -141,7 +141,7 @@ def test_kquant_runtime_matches_its_exact_values(comfy, original, flux_cfg, exac
     sd = {}
     for i, (k, v) in enumerate(original.items()):
         if should_quantize(k, v.shape):
-            raw = gq.random_blocks(qtype, v.shape, std=H.init_std(flux_cfg), seed=i)
+            raw = random_blocks(qtype, v.shape, std=H.init_std(flux_cfg), seed=i)
             sd[k] = QTensor(raw, qformat="gguf", shape=v.shape, meta={"qtype": qtype})
         else:
             sd[k] = v
@@ -156,7 +156,7 @@ def test_kquant_runtime_matches_its_exact_values(comfy, original, flux_cfg, exac
 def test_core_lora_applies_to_quantized_model(comfy, write_format, exact_reference, flux_lora, fmt):
     """Core LoraLoaderModelOnly on our quantized model = core's LoRA on an fp32 model of the same values.
 
-    GGUF/NF4 layers stay quantized, the LoRA runs per forward (lora_patcher). fp8 layers are merged and stored as
+    GGUF/NF4 layers stay quantized, the LoRA runs per forward (host/patcher.py). fp8 layers are merged and stored as
     fp8 again, with core's stochastic rounding (the exact rounding is checked in test_host_lora_patches.py), so
     their error is that of an fp8 rounding of the merged weights: bounded by core's own fp8 + LoRA on the same
     file against the same fp32 merge."""

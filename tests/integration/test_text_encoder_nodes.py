@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import comfy_harness as H
-from kontext_lowvram.loaders.text_encoders import (clip_l_tensor_shapes, is_linear_weight, random_state_dict,
-                                                   t5_tensor_shapes)
+from fixtures.text_encoders import random_state_dict
+from kontext_lowvram.loaders.text_encoders import clip_l_tensor_shapes, is_linear_weight, t5_tensor_shapes
 from kontext_lowvram.loaders.writers import write_safetensors
 from kontext_lowvram.optimizations import quantize
 from t5_files import TINY_T5, write_llamacpp_t5

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import comfy_harness as H
-from kontext_lowvram.loaders.flux_layout import perturb_vae_affine
+from fixtures.flux import perturb_vae_affine
 
 W, H_ = 256, 192     # 4 x 3 tiles of 64 px at every stage (8-px tiles on the 32 x 24 latent)
 TILE = 64

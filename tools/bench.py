@@ -7,6 +7,9 @@ memory is real. The forward is the Kontext 1024² edit shape: 4096 image + 4096 
 Timing: CUDA events around `apply_model`, median of --steps after one warm-up step. Peak VRAM: torch's allocator
 peak and the device-level peak (NVML, sampled every 2 ms), which also sees memory mapped outside torch (dynamic
 VRAM). The output is a markdown table, printed and appended to --out.
+
+A tool of the source checkout, not installed with the package: run it as `kontext-lowvram bench` or
+`python tools/bench.py` where the pack is pip-installed (`pip install -e .`).
 """
 import argparse
 import contextlib
@@ -20,6 +23,8 @@ import time
 OURS = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "nf4", "fp8_e4m3fn_scaled"]
 GGUF_NODE = ["Q8_0", "Q4_K", "Q5_K", "Q4_0"]
 LORA_RANK = 32
+# tests/fixtures makes the random valid blocks of the K-quants (the source checkout has it beside tools/)
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 # ---------------------------------------------------------------- setup
@@ -126,7 +131,7 @@ class WeightFactory:
     """Per-shape templates on the GPU, one CPU copy per layer."""
 
     def __init__(self, cfg, device):
-        from .loaders.flux_layout import flux_tensor_shapes
+        from kontext_lowvram.loaders.flux_layout import flux_tensor_shapes
         self.shapes = flux_tensor_shapes(cfg)
         self.std = 1.2 / cfg.hidden_size ** 0.5
         self.device = device
@@ -134,14 +139,16 @@ class WeightFactory:
 
     def template(self, fmt, shape):
         import torch
-        from .optimizations import quantize
-        from .optimizations.quant import gguf as gq
+        from kontext_lowvram.optimizations import quantize
         key = (fmt, shape)
         if key not in self.templates:
             seed = sum(shape) * 7 + len(shape)
             if random_blocks_only(fmt):  # no quantizer for these: random valid blocks (their own weights)
-                from .optimizations import QTensor
-                raw = gq.random_blocks(fmt, shape, std=self.std, seed=seed)
+                from kontext_lowvram.optimizations import QTensor
+                if TESTS_DIR not in sys.path:
+                    sys.path.insert(0, TESTS_DIR)
+                from fixtures.gguf_blocks import random_blocks
+                raw = random_blocks(fmt, shape, std=self.std, seed=seed)
                 self.templates[key] = QTensor(raw.to(self.device), qformat="gguf", shape=shape, meta={"qtype": fmt})
             elif fmt == "bf16":
                 gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -153,8 +160,8 @@ class WeightFactory:
     def state_dict(self, fmt):
         """{key: bf16 tensor | QTensor} on the CPU; `fmt` applies to the transformer blocks' linear weights."""
         import torch
-        from .loaders.keys import should_quantize
-        from .optimizations import QTensor
+        from kontext_lowvram.loaders.keys import should_quantize
+        from kontext_lowvram.optimizations import QTensor
         sd = {}
         for k, shape in self.shapes.items():
             if k.endswith(".scale"):
@@ -169,8 +176,8 @@ class WeightFactory:
 
 
 def gguf_block_type(fmt) -> bool:
-    from .optimizations.quant import UnsupportedQuantType
-    from .optimizations.quant import gguf as gq
+    from kontext_lowvram.optimizations.quant import UnsupportedQuantType
+    from kontext_lowvram.optimizations.quant import gguf as gq
     try:
         return gq.is_quantized(gq.qtype_of(fmt))
     except (UnsupportedQuantType, KeyError, ValueError):
@@ -179,7 +186,7 @@ def gguf_block_type(fmt) -> bool:
 
 def random_blocks_only(fmt) -> bool:
     """GGUF block types our quantizer cannot make (the K-quants, IQ4): the bench uses random valid blocks."""
-    from .optimizations.quant import gguf as gq
+    from kontext_lowvram.optimizations.quant import gguf as gq
     return gguf_block_type(fmt) and gq.qtype_of(fmt) not in gq.QUANTIZABLE_TYPES
 
 
@@ -192,7 +199,7 @@ def weights_tag(fmt, lora):
 def random_lora(shapes, rank, device, std=0.02):
     """ComfyUI-format LoRA (lora_up/lora_down/alpha) on every linear weight of the transformer blocks."""
     import torch
-    from .loaders.keys import should_quantize
+    from kontext_lowvram.loaders.keys import should_quantize
     g = torch.Generator(device=device).manual_seed(5)
     sd = {}
     for k, shape in shapes.items():
@@ -403,18 +410,19 @@ def run(args):
     import comfy.sd
     import comfy.utils
 
-    from .loaders.flux_layout import FLUX_DEV
-    from .loaders.writers import to_safetensors_dict
-    from .nodes.lora import apply_plan, plan_for_model
-    from .nodes.model_loader import build_model
-    from .optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
-    from .optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
-    from .optimizations.fp8_linear import ENV_ROWWISE
+    from kontext_lowvram.loaders.flux_layout import FLUX_DEV
+    from kontext_lowvram.loaders.writers import to_safetensors_dict
+    from kontext_lowvram.host import compat
+    from kontext_lowvram.host.lora import apply_plan, plan_for_model
+    from kontext_lowvram.host.model import build_model
+    from kontext_lowvram.optimizations.quant.triton_lora import ENV_ENABLE as FUSED_LORA_ENV
+    from kontext_lowvram.optimizations.quant.triton_matmul import ENV_ENABLE as FUSED_ENV
+    from kontext_lowvram.optimizations.fp8_linear import ENV_ROWWISE
 
     dev = mm.get_torch_device()
     cfg = FLUX_DEV
     if args.smoke:  # the whole flow on a tiny model (CPU works): checks this script, measures nothing
-        from .loaders.flux_layout import FluxConfig
+        from kontext_lowvram.loaders.flux_layout import FluxConfig
         cfg = FluxConfig(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1)  # v0.3.64 needs 3072
     factory = WeightFactory(cfg, dev)
     inp = forward_inputs(dev, (16, 8) if args.smoke else (128, 512))
@@ -447,7 +455,7 @@ def run(args):
 
     def gguf_node(fmt):
         import gguf
-        from .optimizations import QTensor
+        from kontext_lowvram.optimizations import QTensor
 
         def make():
             sd = {}
@@ -468,8 +476,7 @@ def run(args):
             return comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)[0]
         return wrapped
 
-    is_v029 = hasattr(comfy.sd, "load_diffusion_model_state_dict") and "metadata" in \
-        comfy.sd.load_diffusion_model_state_dict.__code__.co_varnames
+    is_v029 = compat.diffusion_loader_reads_metadata()
     configs = [("core", "bf16", core("bf16"))]
     if "core" in args.include:
         configs += [("core", "fp8 native (comfy_quant)", core("fp8_native"))] if is_v029 else \
@@ -538,7 +545,7 @@ def run(args):
 
 def table(args, rows, rates, floor_bf16, floor_fp8, dynamic, lin, attn):
     import torch
-    from .optimizations.quant import triton_dequant
+    from kontext_lowvram.optimizations.quant import triton_dequant
     triton_on = torch.cuda.is_available() and triton_dequant.available(torch.device("cuda"))
     base = next((r[2] for r in rows if r[0] == "core" and r[1] == "bf16" and r[2]), None)
     version = comfy_version(args.comfyui)
@@ -675,7 +682,7 @@ def add_parser(sub):
 
 def bench_main(args):
     import torch
-    given = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"] + sys.argv[1:]  # also `python -m ...bench`
+    given = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"] + sys.argv[1:]  # also `python tools/bench.py`
     args.command_line = "kontext-lowvram " + " ".join(given)
     if args.smoke:
         sys.argv += ["--cpu"] if not torch.cuda.is_available() else []
@@ -688,7 +695,12 @@ def bench_main(args):
     return run(args)
 
 
-if __name__ == "__main__":  # python -m kontext_lowvram.bench ...
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    """`python tools/bench.py ARGS`, and `kontext-lowvram bench ARGS`, which cli.py forwards here."""
+    ap = argparse.ArgumentParser(prog="kontext-lowvram")
     add_parser(ap.add_subparsers(dest="cmd", required=True))
-    sys.exit(bench_main(ap.parse_args(["bench"] + sys.argv[1:])))
+    return bench_main(ap.parse_args(["bench"] + list(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,8 @@ import collections
 
 import torch
 
-from .ops import HOST_PATCH_ATTR, is_quantized, stores_floats
+from ..optimizations.ops import is_quantized, stores_floats
+from .ops import HOST_PATCH_ATTR
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # the host's own backup record
 _CLASSES = {}

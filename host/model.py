@@ -1,0 +1,72 @@
+"""Our MODEL: a loaded state dict built by ComfyUI with our ops, under a patcher whose core LoRAs keep GGUF/NF4
+layers quantized."""
+import torch
+
+from ..loaders import load_model_file
+from ..optimizations import QTensor, dequantize
+from . import compat
+
+# Weights whose *shape* the host reads off the built module, so raw quantized storage (whose width is a byte count)
+# would give it a wrong answer: model_base.Flux.concat_cond (FLUX.1, Kontext, Fill, FLUX.2, Chroma) takes the
+# input channel count from img_in.weight.shape[1] — a Q8_0 img_in read as 68 bytes wide made Kontext concatenate a
+# zero image — and Flux control LoRAs widen img_in through a padded diff patch, which only a dense weight takes.
+# They are tiny (FLUX.1 img_in: 0.2 M values), so they are stored dense in float32, their exact values.
+HOST_READS_SHAPE = ("img_in.weight",)
+
+
+def dense_where_host_reads_shape(sd):
+    """`sd` with the quantized entries of HOST_READS_SHAPE dequantized (a new dict only when one changes)."""
+    hit = [k for k in HOST_READS_SHAPE if isinstance(sd.get(k), QTensor)]
+    if not hit:
+        return sd
+    return {**sd, **{k: dequantize(sd[k], torch.float32) for k in hit}}
+
+
+def torch_dtype(name):
+    """The compute dtype a loader's `compute_dtype` choice names; None for "default" (ComfyUI picks)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(name)
+
+
+def build_model(sd, fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
+    """A loaded state dict (QTensors and plain tensors) as a ComfyUI ModelPatcher built with our ops, whose core
+    LoRAs keep GGUF/NF4 layers quantized; None when ComfyUI does not recognise the architecture."""
+    import comfy.sd
+
+    from .ops import make_comfy_ops
+    from .patcher import keep_quantized_under_lora
+
+    options = {"custom_operations": make_comfy_ops(fp8_matmul=fp8_matmul)}
+    if torch_dtype(compute_dtype) is not None:
+        options["dtype"] = torch_dtype(compute_dtype)
+    kwargs = {}
+    if disable_dynamic and compat.diffusion_loader_disables_dynamic():
+        kwargs["disable_dynamic"] = True
+    model = comfy.sd.load_diffusion_model_state_dict(dense_where_host_reads_shape(sd), model_options=options, **kwargs)
+    # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
+    return keep_quantized_under_lora(model) if model is not None else None
+
+
+def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
+    """The model file at `path` as a ComfyUI ModelPatcher built with our ops (build_model).
+
+    Also ComfyUI's way to load it again (`cached_patcher_init`, as core's load_diffusion_model sets): v0.29 asks
+    for a copy without dynamic VRAM (`clone(disable_dynamic=True)`: core's TorchCompileModel, hooks in the
+    conditioning, MultiGPU) by calling it with disable_dynamic=True, and raises when a model has none."""
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(100)
+    sd, info = load_model_file(path, convert=convert_on_load,
+                               progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
+    model = build_model(sd, fp8_matmul, compute_dtype, disable_dynamic)
+    if model is None:
+        raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
+                           "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
+    model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
+    return model
+
+
+def compile_at_first_step(model):
+    """torch.compile the model at its first sampling step through core's own helper: a per-model APPLY_MODEL
+    wrapper, compiled lazily at sample time (no globals)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    set_torch_compile_wrapper(model, backend="inductor")
