@@ -11,8 +11,9 @@ import torch
 from gguf_bytes import (ARRAY, F32, F32_TYPE, I32, Q8_0_TYPE, STRING, U8, U32, U64, array, f32_tensor_file, gguf_file,
                         gstr, kv, kv_array, kv_scalar, kv_str, string_array_body, tensor_info)
 
+from fixtures.flux import random_flux_state_dict
 from kontext_lowvram.loaders import convert_state_dict
-from kontext_lowvram.loaders.flux_layout import FluxConfig, random_flux_state_dict
+from kontext_lowvram.loaders.flux_layout import FluxConfig
 from kontext_lowvram.loaders.writers import write_gguf, write_safetensors
 from kontext_lowvram.optimizations import QTensor
 
@@ -220,7 +221,8 @@ def truncated_flux(cut):
 def write_tiny_t5_gguf(path):
     from t5_files import TINY_T5, write_llamacpp_t5
 
-    from kontext_lowvram.loaders.text_encoders import random_state_dict, t5_tensor_shapes
+    from fixtures.text_encoders import random_state_dict
+    from kontext_lowvram.loaders.text_encoders import t5_tensor_shapes
     write_llamacpp_t5(path, random_state_dict(t5_tensor_shapes(TINY_T5), seed=1))
 
 
@@ -258,7 +260,7 @@ def check_small_valid(v, e):
 REAL_FILES = [
     Case("valid_tiny_flux_q8_0_loads", write_tiny_flux_gguf, check=check_flux_loaded),
     Case("valid_tiny_flux_q8_0_cli_info", write_tiny_flux_gguf, action="info",
-         check=lambda v, e: v["rc"] == 0 and f"tensors: {e['tensors']} ({e['q8_0']} quantized)" in v["stdout"]),
+         check=lambda v, e: v["rc"] == 0 and f"tensors: {e['tensors']}, {e['q8_0']} of them quantized" in v["stdout"]),
     Case("valid_tiny_flux_header", write_tiny_flux_gguf, action="validate",
          check=lambda v, e: (v["tensor_count"], v["kv_count"]) == (e["tensors"], e["kvs"])),
     Case("valid_t5_gguf_text_encoder", write_tiny_t5_gguf, action="text", check=lambda v, e: v["kind"] == "t5"),

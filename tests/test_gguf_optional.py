@@ -12,14 +12,14 @@ CHILD = textwrap.dedent('''
     from safetensors.torch import save_file
     import kontext_lowvram.nodes  # registration imports nothing GGUF
     from kontext_lowvram.loaders import ModelFileError, load_model_file, quantize_state_dict
-    from kontext_lowvram.loaders.flux_layout import FluxConfig, random_flux_state_dict
+    from kontext_lowvram.loaders.flux_layout import FluxConfig, flux_tensor_shapes
     from kontext_lowvram.loaders.writers import write_safetensors
     from kontext_lowvram.optimizations import QTensor, dequantize
     from kontext_lowvram.optimizations.ops import QuantLinear
 
     tmp = sys.argv[1]
-    sd = random_flux_state_dict(FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
-                                           context_in_dim=256, vec_in_dim=256))
+    cfg = FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=256, vec_in_dim=256)
+    sd = {k: (torch.randn(shape) * 0.02).to(torch.bfloat16) for k, shape in flux_tensor_shapes(cfg).items()}
     key = "double_blocks.0.img_attn.qkv.weight"
     out = {}
     for fmt in ("bf16", "fp8_e4m3fn_scaled", "nf4"):

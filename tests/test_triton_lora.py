@@ -12,6 +12,7 @@ from kontext_lowvram.optimizations import QWeight, quantize
 from kontext_lowvram.optimizations.lora import LowRankDelta, stacked_factors
 from kontext_lowvram.optimizations.ops import QuantLinear, dequantize_module_weight
 from kontext_lowvram.optimizations.quant import dequantize_raw, nf4_parts_from_weight
+from kontext_lowvram.optimizations.quant import gguf as gq
 from kontext_lowvram.optimizations.quant import nf4 as nf4q
 from kontext_lowvram.optimizations.quant import triton_dequant as td
 from kontext_lowvram.optimizations.quant import triton_lora as tlr
