@@ -114,10 +114,11 @@ def _count(n) -> str:
 
 def describe(sd, inf) -> list:
     """A loaded model file in plain words and numbers (what `info` prints)."""
+    from .loaders import resident_bytes
     from .optimizations import QTensor
     cfg = inf["flux_config"]
     quantized = [v for v in sd.values() if isinstance(v, QTensor)]
-    resident = sum(v.nbytes_total() if isinstance(v, QTensor) else v.numel() * v.element_size() for v in sd.values())
+    resident = resident_bytes(sd)
     counts = inf.get("tensor_types") or {}
     types = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     kind = INPUT_KINDS.get(cfg.in_channels, f"{cfg.in_channels} input channels")

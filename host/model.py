@@ -2,7 +2,9 @@
 layers quantized."""
 import torch
 
-from ..loaders import load_model_file
+import logging
+
+from ..loaders import load_model_file, load_summary
 from ..optimizations import QTensor, dequantize
 from . import compat
 
@@ -12,6 +14,7 @@ from . import compat
 # zero image — and Flux control LoRAs widen img_in through a padded diff patch, which only a dense weight takes.
 # They are tiny (FLUX.1 img_in: 0.2 M values), so they are stored dense in float32, their exact values.
 HOST_READS_SHAPE = ("img_in.weight",)
+log = logging.getLogger("kontext_lowvram")
 
 
 def dense_where_host_reads_shape(sd):
@@ -62,6 +65,7 @@ def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="def
         raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
                            "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
     model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
+    log.info("Kontext LowVRAM: loaded %s", load_summary(sd, info))
     return model
 
 

@@ -69,9 +69,29 @@ def quantize_state_dict(sd, fmt, progress=None, select=should_quantize):
     return out
 
 
+def resident_bytes(sd) -> int:
+    """Bytes the state dict's tensors take as stored (raw quantized storage, its statistics, plain tensors)."""
+    from ..optimizations import QTensor
+    return sum(v.nbytes_total() if isinstance(v, QTensor) else v.numel() * v.element_size() for v in sd.values())
+
+
+def load_summary(sd, info) -> str:
+    """One line saying what a load did: file, detected format, resident size, quantized tensors, conversion."""
+    from ..optimizations import QTensor
+    counts = info.get("tensor_types")
+    fmt = info.get("format") or ("GGUF " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                                 if counts else info.get("container", "?"))
+    n_quant = sum(isinstance(v, QTensor) for v in sd.values())
+    line = (f"{os.path.basename(info['file'])}: {fmt}; {resident_bytes(sd) / 2**30:.2f} GiB resident, "
+            f"{n_quant} of {len(sd)} tensors quantized")
+    conversion = info.get("conversion")
+    return line + (f"; convert_on_load {conversion}" if conversion else "")
+
+
 def load_state_dict(path, convert: str = "none"):
     """The state dict alone (QTensor for quantized entries)."""
     return load_model_file(path, convert=convert)[0]
 
 
-__all__ = ["load_state_dict", "load_model_file", "convert_state_dict", "quantize_state_dict", "ModelFileError", "CONVERSIONS"]
+__all__ = ["load_state_dict", "load_model_file", "convert_state_dict", "quantize_state_dict", "load_summary",
+           "resident_bytes", "ModelFileError", "CONVERSIONS"]

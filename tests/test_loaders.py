@@ -223,3 +223,18 @@ def test_comfy_quant_format_we_do_not_run_points_to_core(tmp_path, tiny_sd):
     save_file(flat, str(tmp_path / "m.safetensors"))
     with pytest.raises(ModelFileError, match="nvfp4.*Load Diffusion Model"):
         load_state_dict(tmp_path / "m.safetensors")
+
+
+def test_load_summary_says_what_the_load_did(tmp_path, tiny_sd):
+    """The loader's one log line: file, format, resident GiB, quantized count, and a skipped conversion."""
+    from kontext_lowvram.loaders import load_summary, resident_bytes
+    q = quantized({k: v.float() for k, v in tiny_sd.items()}, "q8_0")
+    p = write_gguf(tmp_path / "m.gguf", q)
+    sd, info = load_model_file(p, convert="nf4")
+    line = load_summary(sd, info)
+    n_quant = sum(isinstance(v, QTensor) for v in sd.values())
+    assert line.startswith("m.gguf: GGUF ") and "Q8_0 x" in line and f"{n_quant} of {len(sd)} tensors quantized" in line
+    assert f"{resident_bytes(sd) / 2**30:.2f} GiB resident" in line
+    assert "convert_on_load skipped: the file is already quantized" in line
+    sd, info = load_model_file(write_safetensors(tmp_path / "b.safetensors", tiny_sd), convert="q8_0")
+    assert "b.safetensors: bfloat16;" in load_summary(sd, info) and "convert_on_load q8_0:" in load_summary(sd, info)
