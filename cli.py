@@ -242,5 +242,18 @@ def main(argv=None):
     return args.fn(args)
 
 
+def _run_as_file():
+    """`python .../custom_nodes/comfyui-kontext-lowvram/cli.py ...` from a git-clone install, where the pack is no
+    installed package: import it by path under its package name, then run its CLI."""
+    import importlib.util
+    root = os.path.dirname(os.path.abspath(__file__))
+    if "kontext_lowvram" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kontext_lowvram", os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
+        sys.modules["kontext_lowvram"] = importlib.util.module_from_spec(spec)  # its registration is not needed
+    from kontext_lowvram import cli
+    return cli.main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main() if __package__ else _run_as_file())

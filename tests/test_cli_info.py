@@ -27,3 +27,26 @@ def test_info_names_a_bad_file(tmp_path, capsys):
     bad.write_bytes(b"GGUF" + bytes(20))
     assert main(["info", str(bad)]) == 2
     assert "broken.gguf" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_file_from_a_git_clone_install(tmp_path):
+    """`python custom_nodes/comfyui-kontext-lowvram/cli.py ...` where the pack is not an installed package: run
+    with -S (no .pth files, so no editable install), torch reached by its site-packages folder alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    cli_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli.py")
+    site = sysconfig.get_paths()["purelib"]
+    code = ("import sys, runpy\n"
+            f"sys.path.append({site!r})\n"
+            "try:\n    import kontext_lowvram\n    print('INSTALLED')\nexcept ImportError:\n    pass\n"
+            f"sys.argv = ['cli.py', 'plan', '--vram', '8']\n"
+            f"runpy.run_path({cli_file!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert "INSTALLED" not in proc.stdout, json.dumps(proc.stdout[:200])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Kontext LowVRAM plan: FLUX.1 Kontext [dev] on 8 GB VRAM" in proc.stdout
