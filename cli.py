@@ -1,5 +1,6 @@
 """`kontext-lowvram` command line: `demo` (the README's first command), `info FILE`, `plan` and `bench` (GPU)."""
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -67,9 +68,12 @@ def demo(args):
     ref = random_flux_weights(cfg, args.seed)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for label, writer, conv in DEMO_FORMATS:
-            path = os.path.join(tmp, "model" + (".gguf" if writer == "gguf" else ".safetensors"))
+    keep = args.keep
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(dir=args.workdir)) as out_dir:
+        for i, (label, writer, conv) in enumerate(DEMO_FORMATS):
+            print(f"[{i + 1}/{len(DEMO_FORMATS)}] {label}: writing, reading back, dequantizing ...", flush=True)
+            name = "model-" + label.split(" (")[0].lower().replace(" ", "-")
+            path = os.path.join(out_dir, name + (".gguf" if writer == "gguf" else ".safetensors"))
             _write(path, ref if conv == "none" else quantize_state_dict(ref, conv), writer)
             t0 = time.perf_counter()
             sd, info = load_model_file(path)
@@ -87,7 +91,8 @@ def demo(args):
             nq = sum(isinstance(v, QTensor) for v in sd.values())
             rows.append((label, os.path.getsize(path), info.get("format") or ", ".join(info.get("tensor_types", {})),
                          (num / den) ** 0.5, nq, load_s, speeds))
-            os.remove(path)
+            if not keep:
+                os.remove(path)
     bf16_size = rows[0][1]
     head = ["format", "file MB", "vs bf16", "detected as", "rel. L2 error vs bf16", "quantized tensors", "load s"] + \
            [f"dequant Mparam/s ({d})" for d in devices]
@@ -98,6 +103,8 @@ def demo(args):
         print("| " + " | ".join(cells) + " |")
     print("\nEvery file was written in its real on-disk layout, detected from its bytes and read back through "
           "kontext_lowvram.loaders; errors are against the bf16 weights it was made from.")
+    if keep:
+        print(f"The files are in {keep}: try `kontext-lowvram info {os.path.join(keep, 'model-gguf-q8_0.gguf')}`.")
     return 0
 
 
@@ -144,6 +151,36 @@ def info(args):
         return 2
     print("\n".join(describe(sd, inf)))
     return 0
+
+
+def _multiple_of(n):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v <= 0 or v % n:
+            raise argparse.ArgumentTypeError(f"{v} is not a positive multiple of {n}")
+        return v
+    return parse
+
+
+def _count_arg(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{v} blocks: choose 0 to 64")
+    return v
+
+
+def _writable_dir(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder (create it first)")
+    if not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    return text
 
 
 def _resolution(text):
@@ -225,11 +262,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="kontext-lowvram", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build a synthetic FLUX checkpoint, write it in every format, load each back, print a table")
-    d.add_argument("--hidden", type=int, default=1024, help="transformer width (FLUX.1 is 3072); a multiple of 256")
-    d.add_argument("--double", type=int, default=2, help="double-stream blocks (FLUX.1: 19)")
-    d.add_argument("--single", type=int, default=4, help="single-stream blocks (FLUX.1: 38)")
+    d.add_argument("--hidden", type=_multiple_of(256), default=1024,
+                   help="transformer width (FLUX.1 is 3072); a multiple of 256")
+    d.add_argument("--double", type=_count_arg, default=2, help="double-stream blocks (FLUX.1: 19)")
+    d.add_argument("--single", type=_count_arg, default=4, help="single-stream blocks (FLUX.1: 38)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--workdir", default=None, help="where temporary model files go (default: system temp)")
+    d.add_argument("--workdir", type=_writable_dir, default=None,
+                   help="where temporary model files go (default: system temp)")
+    d.add_argument("--keep", type=_writable_dir, default=None, metavar="DIR",
+                   help="write the files into DIR and keep them (to try `info` on), instead of a temporary folder")
     d.set_defaults(fn=demo)
     i = sub.add_parser("info", help="detect a model file's format and architecture")
     i.add_argument("file")

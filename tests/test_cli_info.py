@@ -50,3 +50,16 @@ def test_cli_runs_as_a_file_from_a_git_clone_install(tmp_path):
     assert "INSTALLED" not in proc.stdout, json.dumps(proc.stdout[:200])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Kontext LowVRAM plan: FLUX.1 Kontext [dev] on 8 GB VRAM" in proc.stdout
+
+
+def test_demo_keeps_its_files_and_refuses_bad_options(tmp_path, capsys):
+    assert main(["demo", "--hidden", "256", "--double", "1", "--single", "1", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/10] bf16 safetensors" in out and f"The files are in {tmp_path}" in out
+    kept = tmp_path / "model-gguf-q8_0.gguf"
+    assert kept.is_file() and main(["info", str(kept)]) == 0
+    for bad in (["--hidden", "1000"], ["--hidden", "x"], ["--double", "-1"], ["--workdir", str(tmp_path / "nope")],
+                ["--keep", str(kept)]):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", *bad])
+        assert e.value.code == 2
