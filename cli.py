@@ -121,13 +121,12 @@ def _count(n) -> str:
 
 def describe(sd, inf) -> list:
     """A loaded model file in plain words and numbers (what `info` prints)."""
-    from .loaders import resident_bytes
+    from .loaders import resident_bytes, type_counts
     from .optimizations import QTensor
     cfg = inf["flux_config"]
     quantized = [v for v in sd.values() if isinstance(v, QTensor)]
     resident = resident_bytes(sd)
-    counts = inf.get("tensor_types") or {}
-    types = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    types = type_counts(inf)
     kind = INPUT_KINDS.get(cfg.in_channels, f"{cfg.in_channels} input channels")
     return [
         f"file: {inf['file']}",

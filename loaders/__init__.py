@@ -75,12 +75,16 @@ def resident_bytes(sd) -> int:
     return sum(v.nbytes_total() if isinstance(v, QTensor) else v.numel() * v.element_size() for v in sd.values())
 
 
+def type_counts(info) -> str:
+    """A GGUF file's tensor types, most frequent first ("Q8_0 x304, F32 x39"); "" for other files."""
+    counts = info.get("tensor_types") or {}
+    return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def load_summary(sd, info) -> str:
     """One line saying what a load did: file, detected format, resident size, quantized tensors, conversion."""
     from ..optimizations import QTensor
-    counts = info.get("tensor_types")
-    fmt = info.get("format") or ("GGUF " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-                                 if counts else info.get("container", "?"))
+    fmt = info.get("format") or (f"GGUF {type_counts(info)}" if type_counts(info) else info.get("container", "?"))
     n_quant = sum(isinstance(v, QTensor) for v in sd.values())
     line = (f"{os.path.basename(info['file'])}: {fmt}; {resident_bytes(sd) / 2**30:.2f} GiB resident, "
             f"{n_quant} of {len(sd)} tensors quantized")
