@@ -182,16 +182,24 @@ class _Parser:
         self.fail(f"is GGUF version {version}, which is not supported (versions 2 and 3 are)",
                   "is it really a GGUF? " + REDOWNLOAD, plain=True)
 
+    def unique_name(self, seen, where, what, where_named, what_named):
+        """The next key or tensor name, refused when `seen` has it, its text charged to the reader budget. `where` /
+        `what` word the record and the name before it is read, `where_named` / `what_named` ("... {}") after."""
+        self.where = where
+        name = self.name(what)
+        self.where = where_named.format(_q(name))
+        label = what_named.format(_q(name))
+        if name in seen:
+            self.fail(f"{label} appears twice")
+        seen.add(name)
+        self.charge(2 * len(name), label)
+        return name
+
     def _kvs(self, n_kv):
         alignment, keys = DEFAULT_ALIGNMENT, set()
         for i in range(n_kv):
-            self.where = f"metadata entry {i}"
-            key = self.name(f"metadata key {i}")
-            self.where = f"metadata entry {_q(key)}"
-            if key in keys:
-                self.fail(f"metadata key {_q(key)} appears twice")
-            keys.add(key)
-            self.charge(2 * len(key), f"metadata key {_q(key)}")
+            key = self.unique_name(keys, f"metadata entry {i}", f"metadata key {i}", "metadata entry {}",
+                                   "metadata key {}")
             vtype = self.u32()
             if key == "general.alignment":
                 alignment = self._alignment(vtype)
@@ -270,13 +278,8 @@ class _Parser:
     def _tensor_infos(self, n_tensors):
         gguf, tensors, names = self.gguf, [], set()
         for i in range(n_tensors):
-            self.where = f"tensor info {i}"
-            name = self.name(f"tensor {i}'s name")
-            self.where = f"the info of tensor {_q(name)}"
-            if name in names:
-                self.fail(f"tensor {_q(name)} appears twice")
-            names.add(name)
-            self.charge(2 * len(name), f"tensor {_q(name)}")
+            name = self.unique_name(names, f"tensor info {i}", f"tensor {i}'s name", "the info of tensor {}",
+                                    "tensor {}")
             n_dims = self.u32()
             if not 1 <= n_dims <= GGML_MAX_DIMS:
                 self.fail(f"tensor {_q(name)} has {n_dims} dimensions (GGUF tensors have 1 to {GGML_MAX_DIMS})")
