@@ -5,9 +5,12 @@ dynamic VRAM, Kontext 1024²: 4096 image + 4096 reference + 512 text tokens, 202
 else is an estimate and says so. The planner's answers are estimates: they tell which setup fits a card, not
 what a profiler would print.
 
-- Weights: exact byte counts from the real FLUX.1 shapes (11.9 B parameters): the block linears at the format's
-  bits per weight, everything else in 16 bits (city96's files keep img_in/txt_in/embedders in F16 and 1-D
-  tensors in F32; the difference is a few MB).
+- Weights: exact byte counts from the real FLUX.1 shapes (11.9 B parameters), or those of any FluxConfig: the
+  block linears at the format's bits per weight (scales and statistics included), everything else in 16 bits
+  (city96's files keep txt_in, the embedders' out layers and final_layer's adaLN in F16, img_in, the embedders'
+  in layers, final_layer.linear and all 1-D tensors in F32: 15 MB more than this on FLUX.1; a file with every 2-D
+  tensor quantized holds up to 1.6 % less). tests/test_memory_model_measured.py writes small FLUX files in every
+  format, loads them and holds these numbers to the bytes the loaded tensors take.
 - Denoise: weights + activations + a fixed runtime share. Activations scale with the token count T (image, every
   reference latent and the 512 text tokens) as ACTIVATION_BYTES_PER_TOKEN_HIDDEN x T x hidden: core bf16's torch
   peak at T = 8704 (1.4 GiB) is 56 bytes (28 bf16 values) per token and hidden unit, about what one single block
@@ -47,7 +50,8 @@ TILED_VAE_MIN_GIB = 0.5  # a 512-px tile's working set (estimate; core's 512-px 
 @dataclass(frozen=True)
 class ModelFormat:
     name: str  # what people call the file's format
-    bits: float  # bits per weight of the block linears (with scales; _M mixes ≈ +0.1 bit, an estimate)
+    bits: float  # bits per weight of the block linears with scales (_M: city96 puts the double blocks' qkv one
+    # type up, +0.09 bit on FLUX.1, rounded to 0.1; tests/test_memory_model_measured.py measures each)
     family: str  # its row in MEASURED_PEAKS
     measured: bool  # whether BENCHMARKS.md has a row for this exact kind of file
     file: str  # the common file name of FLUX.1 Kontext [dev] in it
@@ -90,11 +94,12 @@ TEXT_ENCODERS = (
 
 
 @lru_cache(maxsize=None)
-def flux_parameters():
-    """(parameters in the block linears, parameters elsewhere) of FLUX.1 [dev] / Kontext [dev]."""
+def flux_parameters(cfg=None):
+    """(parameters in the block linears, parameters elsewhere) of a FLUX.1 transformer of `cfg`, a
+    loaders.flux_layout.FluxConfig; FLUX.1 [dev] / Kontext [dev] by default."""
     from ..loaders.flux_layout import FLUX_DEV, flux_tensor_shapes
     blocks = rest = 0
-    for key, shape in flux_tensor_shapes(FLUX_DEV).items():
+    for key, shape in flux_tensor_shapes(FLUX_DEV if cfg is None else cfg).items():
         n = 1
         for d in shape:
             n *= d
@@ -105,10 +110,16 @@ def flux_parameters():
     return blocks, rest
 
 
-def weight_gib(fmt, bits=None) -> float:
-    """Resident weight bytes of FLUX.1 in `fmt` (or at `bits` per block weight), in GiB."""
-    blocks, rest = flux_parameters()
-    return (blocks * (fmt.bits if bits is None else bits) / 8 + rest * 2) / GIB
+def weight_bytes(fmt, bits=None, cfg=None) -> float:
+    """Resident weight bytes of a FLUX.1 transformer (`cfg`, FLUX.1 [dev] by default) in `fmt` (or at `bits` per
+    block weight): the block linears at those bits, everything else at 16."""
+    blocks, rest = flux_parameters(cfg)
+    return blocks * (fmt.bits if bits is None else bits) / 8 + rest * 2
+
+
+def weight_gib(fmt, bits=None, cfg=None) -> float:
+    """Resident weight bytes of FLUX.1 (or of `cfg`) in `fmt` (or at `bits` per block weight), in GiB."""
+    return weight_bytes(fmt, bits, cfg) / GIB
 
 
 def fixed_gib(family: str) -> float:

@@ -3,7 +3,7 @@ work, and a clear 'does not fit' with the smallest setup that would."""
 import pytest
 
 from kontext_lowvram.cli import main
-from kontext_lowvram.loaders.flux_layout import FLUX_DEV
+from kontext_lowvram.loaders.flux_layout import FLUX_DEV, FluxConfig
 from kontext_lowvram.optimizations import memory_model as mm
 from kontext_lowvram.optimizations.planner import Request, format_plan, plan, usable_vram
 
@@ -16,6 +16,21 @@ def test_weight_bytes_come_from_the_real_shapes():
     assert 11.8e9 < blocks + rest < 12.0e9  # FLUX.1's 11.9 B
     assert mm.weight_gib(mm.FORMAT_BY_NAME["bf16"]) * mm.GIB == pytest.approx((blocks + rest) * 2)
     assert mm.weight_gib(mm.FORMAT_BY_NAME["Q8_0"]) * mm.GIB == pytest.approx(blocks * 34 / 32 + rest * 2)
+
+
+def test_the_weight_estimate_is_a_function_of_the_config():
+    """FLUX.1 [dev] by default, any FluxConfig on request (tests/test_memory_model_measured.py holds small ones to
+    the bytes their loaded files take)."""
+    h = FLUX_DEV.hidden_size
+    assert mm.flux_parameters(FLUX_DEV) == mm.flux_parameters()
+    assert mm.flux_parameters()[0] == (19 * 36 + 38 * 15) * h * h  # a double block's linears 36 h², a single's 15 h²
+    small = FluxConfig(hidden_size=512, num_heads=4, depth=2, depth_single_blocks=2)
+    blocks, rest = mm.flux_parameters(small)
+    assert blocks == (2 * 36 + 2 * 15) * 512 ** 2 and blocks + rest == small.num_params
+    for fmt in mm.FORMATS:
+        assert mm.weight_gib(fmt, cfg=FLUX_DEV) == mm.weight_gib(fmt)
+        assert mm.weight_bytes(fmt, cfg=small) == blocks * fmt.bits / 8 + rest * 2
+        assert mm.weight_gib(fmt, 4.5, small) * mm.GIB == pytest.approx(blocks * 4.5 / 8 + rest * 2)
 
 
 def test_the_measured_peaks_are_reproduced_at_their_token_count():
@@ -126,4 +141,7 @@ def test_readme_table_is_the_planners_answer():
         p = plan(Request(vram_gib=vram, ram_gib=32))
         row = next(line for line in readme.splitlines() if line.startswith(f"| {vram} GB |"))
         assert f"`{p.model_format.file}`" in row and f"`{p.text_encoder.file}`" in row and p.weights in row
+        workflow = row.split("|")[2].split("`")[1]
+        assert workflow == f"kontext_edit_{vram}gb" + ("_plus" if vram >= 32 else "")
+        assert (pathlib.Path(__file__).resolve().parents[1] / "workflows" / f"{workflow}.json").exists()
         assert " / ".join(f"{ph.vram_gib:.1f}" for ph in p.phases) in row
