@@ -81,7 +81,12 @@ def plan_for(spec: Spec):
 
 
 def models_entry(*files):
-    return [{"name": f, "url": DOWNLOADS[f][1], "directory": DOWNLOADS[f][0]} for f in files]
+    """The frontend's download entries. Not for .gguf files: both frontends offer downloads only for
+    .safetensors-like names, and v1.27 checks an entry against the server's model list, which never holds .gguf
+    files (core lists its own suffixes only), so it would call a file that is in place "missing". The note links
+    them instead."""
+    return [{"name": f, "url": DOWNLOADS[f][1], "directory": DOWNLOADS[f][0]} for f in files
+            if not f.endswith(".gguf")]
 
 
 def build(spec: Spec) -> dict:

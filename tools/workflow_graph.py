@@ -75,6 +75,8 @@ class Graph:
         if unknown or missing:
             raise ValueError(f"{type_}: unknown widgets {sorted(unknown)}, missing {sorted(missing)}")
         n = Node(len(self.nodes) + 1, type_, tuple(pos), tuple(size), widgets, title, dict(properties or {}))
+        if n.properties.get("models") == []:
+            del n.properties["models"]
         n.properties.setdefault("Node name for S&R", type_)
         self.nodes.append(n)
         return n
