@@ -15,7 +15,8 @@ def dequantize(t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 def quantize(t: torch.Tensor, fmt: str) -> QTensor:
     """Quantize a float tensor to `fmt`: "fp8_e4m3fn_scaled", "fp8_e5m2_scaled", "fp8_e4m3fn", "nf4", or a GGUF
-    type name such as "Q8_0" (see quant.gguf.QUANTIZABLE_TYPES)."""
+    type name (case-insensitive): "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K"
+    (llama.cpp's own encoders, quant.gguf_quantize) or "F32"/"F16"/"BF16" (see quant.gguf.QUANTIZABLE_TYPES)."""
     fmt_l = fmt.lower()
     if fmt_l.startswith("fp8_"):
         from .quant.fp8 import quantize_fp8

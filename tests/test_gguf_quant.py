@@ -102,7 +102,8 @@ def test_empty_tensor():
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         assert fn(torch.empty(0, type_size, dtype=torch.uint8), torch.float16).shape == (0, block_size)
     for qtype in gq.QUANTIZABLE_TYPES:
-        assert gq.quantize(torch.empty(0, 32), qtype).shape == gq.byte_shape((0, 32), qtype)
+        assert gq.quantize(torch.empty(0, 256), qtype).shape == gq.byte_shape((0, 256), qtype)
+        assert gq.quantize(torch.empty(3, 0), qtype).shape == gq.byte_shape((3, 0), qtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,11 +176,14 @@ ERROR_BOUNDS = {
     Q.Q4_1: _bound_range(15),
     Q.Q5_1: _bound_range(31),
 }
-BLOCK_QUANTIZABLE = sorted(gq.QUANTIZABLE_TYPES - {Q.F32, Q.F16, Q.BF16})
+# The types gguf-py can quantize too (byte-exact here); the K-quants are tested in test_gguf_quantize.py.
+K_QUANTS = {Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q3_K, Q.Q2_K}
+BLOCK_QUANTIZABLE = sorted(gq.QUANTIZABLE_TYPES - {Q.F32, Q.F16, Q.BF16} - K_QUANTS)
 
 
 def test_error_bounds_cover_quantizable_types():
     assert set(BLOCK_QUANTIZABLE) == set(ERROR_BOUNDS)
+    assert gq.QUANTIZABLE_TYPES >= K_QUANTS
 
 
 def _quant_input(extreme=False):
@@ -242,7 +246,7 @@ def test_unknown_type_rejected(bad):
 
 def test_quantize_unsupported_type_names_quantizable():
     with pytest.raises(UnsupportedQuantType, match="Q8_0"):
-        gq.quantize(torch.zeros(1, 256), "Q4_K")
+        gq.quantize(torch.zeros(1, 256), "IQ4_XS")
 
 
 @pytest.mark.parametrize("qtype", sorted(gq.SUPPORTED_TYPES), ids=lambda t: t.name)

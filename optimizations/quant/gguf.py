@@ -26,6 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import QuantDataError, UnsupportedQuantType
+from .gguf_quantize import QUANTIZE_FUNCTIONS
 
 Q = GGMLQuantizationType
 QK_K = 256  # super-block size of the K-quants and IQ4_XS
@@ -444,95 +445,11 @@ def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtyp
 
 
 # --------------------------------------------------------------------------------------------------
-# Quantize (for tests, conversion tools and caches). Mirrors gguf.quants' reference encoders.
+# Quantize (for tests, conversion tools and caches). The block encoders are llama.cpp's reference quantizers, one
+# function per type in gguf_quantize (QUANTIZE_FUNCTIONS); the float types are handled here.
 # --------------------------------------------------------------------------------------------------
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """gguf-py's np_roundf (C roundf): round half away from zero, with the same float32 ops."""
-    a = x.abs()
-    floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
-
-
-def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
-    """1/d, with 0 where d == 0 (all-zero blocks quantize to zero quants)."""
-    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
-
-
-def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
-    """(n, 1) float32 -> (n, 2) little-endian fp16 bytes (round to nearest even, like numpy)."""
-    # Go through 1-D: a (n, 1) reduction result may carry a stride that dtype views reject.
-    return d.reshape(-1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
-
-
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) uint8 quants -> (n, 16) bytes: quant k in the low nibble, quant 16+k in the high."""
-    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(n, 32) of 0/1 -> (n, 4) bytes, little-endian bit order (numpy packbits bitorder='little')."""
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=bits.device))
-    grouped = bits.reshape(bits.shape[0], bits.shape[1] // 8, 8).to(torch.int32)
-    return (grouped * weights).sum(-1).to(torch.uint8)
-
-
-def _quantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    qs = _round_half_away(blocks * _safe_inverse(d))
-    return torch.cat([_f16_bytes(d), qs.to(torch.int8).view(torch.uint8)], dim=1)
-
-
-def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
-    """The value of largest magnitude, sign kept (first one on ties, like numpy argmax)."""
-    return torch.gather(blocks, 1, blocks.abs().argmax(dim=1, keepdim=True))
-
-
-def _symmetric_quants(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0/Q5_0: d = max/-(levels/2), q = trunc(x/d + levels/2 + 0.5) clipped to [0, levels-1]."""
-    d = _signed_absmax(blocks) / -(levels // 2)
-    q = torch.trunc(blocks * _safe_inverse(d) + (levels // 2 + 0.5))
-    return d, q.clamp(0, levels - 1).to(torch.uint8)
-
-
-def _affine_quants(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1/Q5_1: d = (max-min)/(levels-1), q = trunc((x-min)/d + 0.5) clipped, offset = min."""
-    mx = blocks.amax(dim=1, keepdim=True)
-    mn = blocks.amin(dim=1, keepdim=True)
-    d = (mx - mn) / (levels - 1)
-    q = torch.trunc((blocks - mn) * _safe_inverse(d) + 0.5)
-    return d, mn, q.clamp(0, levels - 1).to(torch.uint8)
-
-
-def _quantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d, q = _symmetric_quants(blocks, 16)
-    return torch.cat([_f16_bytes(d), _pack_nibbles(q)], dim=1)
-
-
-def _quantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, mn, q = _affine_quants(blocks, 16)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], dim=1)
-
-
-def _quantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    d, q = _symmetric_quants(blocks, 32)
-    return torch.cat([_f16_bytes(d), _pack_bits(q >> 4), _pack_nibbles(q)], dim=1)
-
-
-def _quantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, mn, q = _affine_quants(blocks, 32)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_bits(q >> 4), _pack_nibbles(q)], dim=1)
-
-
-_QUANTIZE_BLOCK_FUNCTIONS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.Q8_0: _quantize_q8_0,
-    Q.Q4_0: _quantize_q4_0,
-    Q.Q4_1: _quantize_q4_1,
-    Q.Q5_0: _quantize_q5_0,
-    Q.Q5_1: _quantize_q5_1,
-}
-
-QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(_QUANTIZE_BLOCK_FUNCTIONS)
+QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_TYPES) | frozenset(QUANTIZE_FUNCTIONS)
 
 
 def _to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
@@ -546,24 +463,24 @@ def _to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
 def quantize(t: torch.Tensor, qtype) -> torch.Tensor:
     """Float tensor -> raw uint8 bytes shaped byte_shape(t.shape, qtype), on t.device.
 
-    Bit-exact with gguf.quants.quantize (ggml's reference encoders, not the imatrix-free heuristics
-    llama-quantize uses for K-quants, which gguf-py does not implement either)."""
+    llama.cpp's quantizer without an importance matrix (ggml-quants.c quantize_row_*_ref, see gguf_quantize):
+    F32/F16/BF16 and Q8_0/Q5_1/Q5_0/Q4_1/Q4_0 byte-identical to gguf.quants.quantize, the K-quants
+    Q6_K/Q5_K/Q4_K/Q3_K/Q2_K (which gguf-py cannot make) byte-identical to llama.cpp's ggml_quantize_chunk."""
     qt = qtype_of(qtype)
     if qt not in QUANTIZABLE_TYPES:
         raise UnsupportedQuantType(
             f"Cannot quantize to {qt.name}; quantizable types are: {_names(QUANTIZABLE_TYPES)}"
         )
     shape = byte_shape(t.shape, qt)  # validates the row size
+    if qt in QUANTIZE_FUNCTIONS:  # converts to float32 chunk by chunk: no full-size float32 copy
+        return QUANTIZE_FUNCTIONS[qt](t.detach().reshape(math.prod(t.shape[:-1]), t.shape[-1])).reshape(shape)
     x = t.detach().to(torch.float32).contiguous()
     if qt == Q.F32:
         out = x
     elif qt == Q.F16:
         out = x.to(torch.float16)
-    elif qt == Q.BF16:
-        out = _to_bf16_bits(x)
     else:
-        block_size = GGML_QUANT_SIZES[qt][0]
-        out = _QUANTIZE_BLOCK_FUNCTIONS[qt](x.reshape(-1, block_size))
+        out = _to_bf16_bits(x)
     return out.contiguous().view(torch.uint8).reshape(shape)
 
 
@@ -574,6 +491,7 @@ __all__ = [
     "DEQUANTIZE_FUNCTIONS",
     "IQ4NL_KVALUES",
     "QUANTIZABLE_TYPES",
+    "QUANTIZE_FUNCTIONS",
     "SUPPORTED_TYPES",
     "byte_shape",
     "dequantize",
