@@ -102,3 +102,14 @@ def format_encoded(vae, samples):
     """v0.29: VAE.format_encoded(samples), the last step of core's encode for some VAEs; v0.3.x has none."""
     fmt = getattr(vae, "format_encoded", None)
     return fmt(samples) if fmt is not None else samples
+
+
+def free_vram(device, keep=()):
+    """Unload every model ComfyUI holds on `device` except the patchers in `keep`, and give the allocator's cached
+    blocks back (after an out-of-memory error). Both hosts have free_memory(bytes, device, keep_loaded) and
+    soft_empty_cache(); their unload_all_models differ (v0.29 empties every device, v0.3.x only the main one and
+    keeps nothing), so this names the one device and what stays."""
+    import comfy.model_management as mm
+    kept = [lm for lm in mm.current_loaded_models if any(lm.model is p for p in keep)]
+    mm.free_memory(1e30, device, keep_loaded=kept)
+    mm.soft_empty_cache()

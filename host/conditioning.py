@@ -6,7 +6,7 @@ import re
 
 from ..loaders.errors import printable
 from ..optimizations.cond_cache import CondCache, make_key
-from . import files
+from . import files, report
 
 log = logging.getLogger("kontext_lowvram")
 
@@ -64,7 +64,13 @@ def _cache_failed(what, e):
 
 def encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb):
     """CLIPTextEncodeFlux's conditioning of the two prompts: from the cache (capped at `cache_max_mb` MiB) when
-    `clip` comes straight from the lazy loader and the entry is there, else encoded (and then stored)."""
+    `clip` comes straight from the lazy loader and the entry is there, else encoded (and then stored); recorded as
+    the "text encode" phase, a cache hit as such."""
+    with report.phase("text encode") as rec:
+        return _encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb, rec)
+
+
+def _encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb, rec):
     clip_l, t5xxl = well_formed_prompt(clip_l, "clip_l"), well_formed_prompt(t5xxl, "t5xxl")
     identity = getattr(clip, "klv_cache_identity", None)
     store = key = None
@@ -78,13 +84,19 @@ def encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb):
         except Exception as e:
             _cache_failed("lookup", e)
             store = hit = None
+            rec.note("conditioning cache unusable: encoded")
         if hit is not None:
             log.info("Kontext LowVRAM conditioning cache: hit %s", key[:16])
+            rec.note("conditioning cache hit: the text encoders were not run")
             return _with_guidance(hit, guidance)
         if store is not None:
             log.info("Kontext LowVRAM conditioning cache: miss %s", key[:16])
+            rec.note("conditioning cache miss: encoded")
     elif cache:
         log.info("Kontext LowVRAM conditioning cache: not used (this CLIP is not straight from the lazy loader)")
+        rec.note("encoded (this CLIP is not cacheable)")
+    else:
+        rec.note("encoded (cache off)")
     tokens = clip.tokenize(clip_l)
     tokens["t5xxl"] = clip.tokenize(t5xxl)["t5xxl"]
     cond = clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance})

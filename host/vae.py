@@ -12,8 +12,8 @@ import logging
 
 import torch
 
-from ..optimizations import tiling
-from . import compat
+from ..optimizations import oom, tiling
+from . import compat, report
 
 log = logging.getLogger("kontext_lowvram")
 
@@ -82,27 +82,55 @@ class _Progress:
         self.bar.update_absolute(done, total)
 
 
-def _tiled_forward(module, kind, tile_size, vram_budget_mb, vae, out_device):
-    """A replacement ``forward(x)`` that plans with the VAE's live memory state and runs the tiled program."""
+def _tiled_forward(module, kind, tile_size, vram_budget_mb, vae, out_device, rec):
+    """A replacement ``forward(x)`` that plans with the VAE's live memory state and runs the tiled program; out of
+    memory, it runs again with tiles of half the side (feature maps in system RAM), down to OOM_TILE_FLOOR."""
     progress = _Progress()
     original = type(module).forward
-    info = {}
 
     def forward(x, **kwargs):
         if kwargs or x.ndim != 4:  # options only the original implements
             return original(module, x, **kwargs)
         prog = (tiling.decoder_program if kind == "decode" else tiling.encoder_program)(module, x.shape)
         budget = _budget_bytes(vae, vram_budget_mb)
-        pl = tiling.plan(prog, device=vae.device, dtype=x.dtype, tile_size=tile_size or None, budget_bytes=budget)
-        info["plan"] = pl.describe()
-        log.info("Kontext LowVRAM tiled VAE %s: %s", kind, info["plan"])
-        return tiling.run(pl, x, norm_params=comfy_norm_params, progress=progress,
-                          out_device=out_device if out_device is not None else vae.device)
-    return forward, info
+        first = tiling.plan(prog, device=vae.device, dtype=x.dtype, tile_size=tile_size or None, budget_bytes=budget)
+
+        def attempt(side):
+            pl = first if side is None else tiling.plan(prog, device=vae.device, dtype=x.dtype, tile_size=side,
+                                                        storage="cpu")
+            log.info("Kontext LowVRAM tiled VAE %s: %s", kind, pl.describe())
+            return tiling.run(pl, x, norm_params=comfy_norm_params, progress=progress,
+                              out_device=out_device if out_device is not None else vae.device)
+
+        def on_retry(failure, side, smaller):
+            log.warning("Kontext LowVRAM tiled VAE %s: %s with %d-px tiles; retrying with %d-px tiles", kind,
+                        failure, side, smaller)
+            rec.recovered(f"OOM with {side}-px tiles: retried with {smaller}-px tiles")
+
+        return oom.retry_smaller_tiles(attempt, first.image_tile(), floor=tiling.OOM_TILE_FLOOR,
+                                       free=lambda: compat.free_vram(torch.device(vae.device), keep=[vae.patcher]),
+                                       on_retry=on_retry, advice=_advice(kind))
+    return forward
+
+
+def _advice(kind):
+    return (f"Kontext LowVRAM tiled VAE {kind}: out of memory even with {tiling.OOM_TILE_FLOOR}-px tiles. Close "
+            "what else uses the GPU, or use a lower resolution")
 
 
 def decode(samples, vae, tile_size, vram_budget_mb):
     """The IMAGE of `samples` (a LATENT), decoded tile by tile; core's tiled decode for VAEs the tiler does not know."""
+    with report.phase("VAE decode", vae.device) as rec:
+        return _decode(samples, vae, tile_size, vram_budget_mb, rec)
+
+
+def encode(pixels, vae, tile_size, vram_budget_mb):
+    """The LATENT of `pixels` (an IMAGE), encoded tile by tile; core's tiled encode for VAEs the tiler does not know."""
+    with report.phase("VAE encode", vae.device) as rec:
+        return _encode(pixels, vae, tile_size, vram_budget_mb, rec)
+
+
+def _decode(samples, vae, tile_size, vram_budget_mb, rec):
     import comfy.model_management as mm
 
     if hasattr(vae, "throw_exception_if_invalid"):
@@ -121,6 +149,7 @@ def decode(samples, vae, tile_size, vram_budget_mb):
         dec_shape = (dec.conv_in.in_channels, latent.shape[2] * comp // div, latent.shape[3] * comp // div)
     if dec_shape is None or not tiling.supports_decoder(dec, dec_shape):
         log.warning("Kontext LowVRAM tiled VAE decode: this VAE is not a 2-D LDM decoder; using core tiled decode")
+        rec.note("core tiled decode (not a 2-D LDM decoder)")
         ts = tile_size or 512
         images = vae.decode_tiled(latent, tile_x=ts // comp, tile_y=ts // comp, overlap=max(1, ts // 8) // comp)
         return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
@@ -129,7 +158,7 @@ def decode(samples, vae, tile_size, vram_budget_mb):
     reserve = _reserve_bytes(vram_budget_mb, prog, vae.vae_dtype, vae.device)
     mm.load_models_gpu([vae.patcher], memory_required=reserve,
                        force_full_load=getattr(vae, "disable_offload", False))
-    forward, _info = _tiled_forward(dec, "decode", tile_size, vram_budget_mb, vae, vae.output_device)
+    forward = _tiled_forward(dec, "decode", tile_size, vram_budget_mb, vae, vae.output_device, rec)
     with compat.device_context(vae.device), _forward_swapped(dec, forward):
         z = latent.to(device=vae.device, dtype=vae.vae_dtype)
         out = fsm.decode(z)
@@ -141,8 +170,7 @@ def decode(samples, vae, tile_size, vram_budget_mb):
     return images
 
 
-def encode(pixels, vae, tile_size, vram_budget_mb):
-    """The LATENT of `pixels` (an IMAGE), encoded tile by tile; core's tiled encode for VAEs the tiler does not know."""
+def _encode(pixels, vae, tile_size, vram_budget_mb, rec):
     import comfy.model_management as mm
 
     if hasattr(vae, "throw_exception_if_invalid"):
@@ -155,6 +183,7 @@ def encode(pixels, vae, tile_size, vram_budget_mb):
     if enc is None or pixels.ndim != 4 or getattr(vae, "latent_dim", 2) != 2 or \
             not tiling.supports_encoder(enc, x_shape):
         log.warning("Kontext LowVRAM tiled VAE encode: this VAE is not a 2-D LDM encoder; using core tiled encode")
+        rec.note("core tiled encode (not a 2-D LDM encoder)")
         ts = tile_size or 512
         return {"samples": vae.encode_tiled(pixels, tile_x=ts, tile_y=ts, overlap=max(8, ts // 8))}
 
@@ -164,7 +193,7 @@ def encode(pixels, vae, tile_size, vram_budget_mb):
                        force_full_load=getattr(vae, "disable_offload", False))
     # the image stays in system memory: the tiles read their windows from it
     x = vae.process_input(pixels.movedim(-1, 1)).to(dtype=vae.vae_dtype)
-    forward, _info = _tiled_forward(enc, "encode", tile_size, vram_budget_mb, vae, None)
+    forward = _tiled_forward(enc, "encode", tile_size, vram_budget_mb, vae, None, rec)
     with compat.device_context(vae.device), _forward_swapped(enc, forward):
         out = fsm.encode(x)
         del x

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 __all__ = [
     "DEFAULT_CPU_TILE",
     "MIN_TILE",
+    "OOM_TILE_FLOOR",
     "GroupStats",
     "TiledPlan",
     "UnsupportedVAE",
@@ -75,6 +76,9 @@ __all__ = [
 DEFAULT_CPU_TILE = 512
 #: Smallest tile side (in the stage's own pixels) auto mode goes down to.
 MIN_TILE = 8
+#: Smallest tile side (image pixels) an out-of-memory retry halves down to: 8 latent pixels, below which the halo
+#: and per-tile overhead outweigh the memory saved.
+OOM_TILE_FLOOR = 64
 #: Fraction of the free device memory auto mode plans with (allocator fragmentation, conv workspaces).
 FREE_MEMORY_FRACTION = 0.8
 #: Auto mode keeps intermediate maps on the compute device when they take at most this share of the budget.
@@ -537,6 +541,18 @@ class TiledPlan:
             _, h, w = self.program.maps[st.out]
             n += 1 if side is None else len(list(_regions(h, w, side)))
         return n
+
+    def image_tile(self) -> int:
+        """The smallest tile side any stage uses, in image pixels (the image's side when no stage is tiled): the
+        side of the stages at the budget's limit, which a retry with smaller tiles halves. A fixed `tile_size`
+        plan gives `tile_size` back."""
+        img_h, img_w = self.program.image_hw
+        side_px = max(img_h, img_w)
+        for st, side in zip(self.program.stages, self.tiles):
+            if side is not None:
+                _, h, w = self.program.maps[st.out]
+                side_px = min(side_px, int(side * min(img_h / h, img_w / w)))
+        return side_px
 
     def describe(self) -> str:
         sides = sorted({s for s in self.tiles if s is not None})

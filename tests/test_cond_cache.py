@@ -425,6 +425,20 @@ def test_node_hit_after_miss(node, tmp_path, caplog):
     assert torch.equal(a[0][0], b[0][0])
 
 
+def test_node_records_each_encode_as_a_phase_and_a_hit_as_such(node, monkeypatch):
+    """The per-phase report's "text encode" rows: a miss, a hit (no encoder run), and an encode with the cache off."""
+    from kontext_lowvram.host import report
+    from kontext_lowvram.optimizations.phase_report import Recorder
+    monkeypatch.setattr(report, "RECORDER", Recorder())
+    node.encode(FakeClip(), "a fox", "a fox in snow", 2.5)
+    node.encode(FakeClip(), "a fox", "a fox in snow", 3.5)
+    node.encode(FakeClip(), "a fox", "a fox in snow", 2.5, cache=False)
+    assert [(r.phase, r.notes, r.error) for r in report.RECORDER.records] == [
+        ("text encode", ["conditioning cache miss: encoded"], None),
+        ("text encode", ["conditioning cache hit: the text encoders were not run"], None),
+        ("text encode", ["encoded (cache off)"], None)]
+
+
 @pytest.mark.parametrize("where", ["dir_is_a_file", "parent_is_a_file"])
 def test_node_encodes_when_the_cache_folder_is_unusable(node, tmp_path, monkeypatch, caplog, where):
     from kontext_lowvram.host import conditioning

@@ -1,8 +1,7 @@
 """Seam-free tiled VAE (optimizations/tiling.py) against the untiled network, on CPU, without ComfyUI.
 
-The reference is a plain-torch LDM/FLUX AutoencoderKL written here from nn layers, with the FLUX VAE's module
-names, so ``random_flux_vae_state_dict`` loads into it strictly and the tiler walks it exactly as it walks
-ComfyUI's ``comfy.ldm.modules.diffusionmodules.model`` Encoder/Decoder.
+The reference is the plain-torch LDM/FLUX AutoencoderKL in tests/fixtures/vae.py, with the FLUX VAE's module names,
+so the tiler walks it exactly as it walks ComfyUI's ``comfy.ldm.modules.diffusionmodules.model`` Encoder/Decoder.
 """
 import math
 import os
@@ -15,160 +14,9 @@ import torch.nn.functional as F
 
 from kontext_lowvram.loaders.flux_layout import FluxVAEConfig
 from kontext_lowvram.optimizations import tiling
-from fixtures.flux import perturb_vae_affine, random_flux_vae_state_dict
+from fixtures.vae import ResnetBlock, make_vae
 
 torch.set_grad_enabled(False)
-
-
-# --------------------------------------------------------------------------------------------
-# Reference AutoencoderKL (FLUX layout) from plain torch layers
-# --------------------------------------------------------------------------------------------
-
-def _norm(c, groups):
-    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, groups):
-        super().__init__()
-        self.in_channels, self.out_channels = cin, cout
-        self.norm1 = _norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout, groups)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head attention over all spatial positions (1x1-conv q/k/v/proj_out)."""
-
-    def __init__(self, c, groups):
-        super().__init__()
-        self.norm = _norm(c, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(o)
-
-
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Downsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: FluxVAEConfig, groups=32):
-        super().__init__()
-        ch, mult = cfg.ch, tuple(cfg.ch_mult)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        cin = ch
-        for i, m in enumerate(mult):
-            lvl = nn.Module()
-            lvl.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                lvl.block.append(ResnetBlock(cin, ch * m, groups))
-                cin = ch * m
-            lvl.attn = nn.ModuleList()
-            if i != len(mult) - 1:
-                lvl.downsample = Downsample(cin)
-            self.down.append(lvl)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, groups)
-        self.norm_out = _norm(cin, groups)
-        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for i, lvl in enumerate(self.down):
-            for blk in lvl.block:
-                h = blk(h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: FluxVAEConfig, groups=32):
-        super().__init__()
-        ch, mult = cfg.ch, tuple(cfg.ch_mult)
-        cin = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, groups)
-        ups = []
-        for i in reversed(range(len(mult))):
-            lvl = nn.Module()
-            lvl.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                lvl.block.append(ResnetBlock(cin, ch * mult[i], groups))
-                cin = ch * mult[i]
-            lvl.attn = nn.ModuleList()
-            if i != 0:
-                lvl.upsample = Upsample(cin)
-            ups.insert(0, lvl)
-        self.up = nn.ModuleList(ups)   # index = resolution level, as in the checkpoint keys
-        self.norm_out = _norm(cin, groups)
-        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
-
-    def forward(self, z):
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        for i in reversed(range(len(self.up))):
-            for blk in self.up[i].block:
-                h = blk(h)
-            if i != 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class AE(nn.Module):
-    def __init__(self, cfg, groups=32):
-        super().__init__()
-        self.encoder = Encoder(cfg, groups)
-        self.decoder = Decoder(cfg, groups)
-
-
-def make_vae(cfg=FluxVAEConfig(), groups=32, seed=0, perturb=True):
-    """The reference AE with ``random_flux_vae_state_dict`` weights (loaded strictly: same key layout as the
-    FLUX checkpoint); ``perturb`` gives the GroupNorms non-trivial affine parameters and the convs biases, so
-    every term of the tiled normalisation is exercised."""
-    ae = AE(cfg, groups).eval()
-    sd = random_flux_vae_state_dict(seed=seed, cfg=cfg)
-    if perturb:
-        perturb_vae_affine(sd, seed + 1)
-    ae.load_state_dict(sd, strict=True)
-    return ae
 
 
 #: Narrow VAE with the FLUX structure (4 levels, 2 res blocks, mid attention) for fast tests.
