@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from ..loaders import load_summary
 from ..loaders.text_encoders import pair_by_kind, pick_device_policy, read_text_encoder, t5_config_overrides
 from ..optimizations.cond_cache import file_identity
 from . import compat, files
@@ -54,14 +55,16 @@ def build_clip(paths, device_policy, disable_dynamic=False):
     import torch
 
     sds, infos = [], []
+    from .sidecar import verify as verify_sidecar
     for p in paths:
+        verify_sidecar(p)  # a <file>.sha256 beside it: checked once per file identity, on the progress bar
         sd, info = read_text_encoder(p, keep_quantized=True)
         sds.append(sd)
         infos.append(info)
     pair_by_kind(infos, paths)
     policy = pick_device_policy(device_policy, _gpu_bytes_available(mm), sum(i["file_bytes"] for i in infos))
     log.info("Kontext LowVRAM text encoder: loading %s (device %s -> %s)",
-             " + ".join(os.path.basename(p) for p in paths), device_policy, policy)
+             " + ".join(load_summary(sd, i) for sd, i in zip(sds, infos)), device_policy, policy)
     cpu = torch.device("cpu")
     options = {"load_device": cpu if policy == "cpu" else mm.get_torch_device(), "offload_device": cpu}
     if any(i["quantized_tensors"] for i in infos):

@@ -68,7 +68,8 @@ def llamacpp_t5_name(name: str, gated: bool = True):
 
 
 def _read_gguf(path):
-    """Every tensor of a text-encoder GGUF (QTensor for quantized blocks) with the file's names, and its arch."""
+    """Every tensor of a text-encoder GGUF (QTensor for quantized blocks) with the file's names, its arch and its
+    tensor types (type name -> count)."""
     from .gguf_loader import _field_str, open_reader, read_tensors
 
     reader = open_reader(path)
@@ -76,7 +77,8 @@ def _read_gguf(path):
     if arch not in GGUF_TEXT_ARCHS:
         raise ModelFileError(path, f"is a GGUF of architecture {arch!r}, not a CLIP-L / T5 text encoder",
                              _WRONG_FILE_FIX + (" (diffusion models go to 'Load Diffusion Model')" if arch == "flux" else ""))
-    return read_tensors(reader, path)[0], arch
+    sd, counts = read_tensors(reader, path)
+    return sd, arch, counts
 
 
 def _from_llamacpp_names(sd, path):
@@ -211,17 +213,21 @@ def float_entries(sd, keep_quantized: bool = True, dtype=torch.float32):
     return out, kept
 
 
-def read_text_encoder(path, keep_quantized: bool = True):
+def read_text_encoder(path, keep_quantized: bool = True, verify: bool = True):
     """-> (state dict in ComfyUI naming, info) for a CLIP-L or T5 file in any supported format.
 
     info: kind ('clip_l' | 't5'), container, format, quantized_tensors (kept as QTensor), t5_config (T5 only).
+    `verify`: a `<file>.sha256` sidecar, where there is one, must match first (integrity.py: once per file identity).
     """
     import os
     path = os.fspath(path)
     container = detect_container(path)
+    if verify:
+        from .integrity import verify_sidecar
+        verify_sidecar(path)
     if container == "gguf":
-        sd, arch = _read_gguf(path)
-        info = {"container": "gguf", "architecture": arch or "unknown"}
+        sd, arch, counts = _read_gguf(path)
+        info = {"container": "gguf", "architecture": arch or "unknown", "tensor_types": counts}
         sd = _from_llamacpp_names(sd, path)
     else:
         from .safetensors_loader import read_safetensors

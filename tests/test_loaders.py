@@ -95,7 +95,7 @@ def test_on_load_conversion_error_bounds(tiny_sd):
 def test_conversion_skips_quantized_file(tiny_sd):
     q = quantized(tiny_sd, "nf4")
     info = {}
-    assert convert_state_dict(q, "q8_0", info) is q and info["conversion"].startswith("skipped")
+    assert convert_state_dict(q, "q8_0", info) is q and info["conversion"].startswith("q8_0 skipped: file is already")
 
 
 # ---- bad input: clear errors naming the file, never a crash or a pickle load ----
@@ -235,6 +235,23 @@ def test_load_summary_says_what_the_load_did(tmp_path, tiny_sd):
     n_quant = sum(isinstance(v, QTensor) for v in sd.values())
     assert line.startswith("m.gguf: GGUF ") and "Q8_0 x" in line and f"{n_quant} of {len(sd)} tensors quantized" in line
     assert f"{resident_bytes(sd) / 2**30:.2f} GiB resident" in line
-    assert "convert_on_load skipped: the file is already quantized" in line
+    assert line.endswith("; convert_on_load=nf4 skipped: file is already GGUF Q8_0")
     sd, info = load_model_file(write_safetensors(tmp_path / "b.safetensors", tiny_sd), convert="q8_0")
-    assert "b.safetensors: bfloat16;" in load_summary(sd, info) and "convert_on_load q8_0:" in load_summary(sd, info)
+    n_quant = sum(isinstance(v, QTensor) for v in sd.values())
+    assert n_quant > 0 and "b.safetensors: bfloat16;" in load_summary(sd, info)
+    assert load_summary(sd, info).endswith(f"; convert_on_load=q8_0: {n_quant} tensors quantized")
+    sd, info = load_model_file(tmp_path / "b.safetensors")
+    assert load_summary(sd, info).endswith("0 of %d tensors quantized; no conversion" % len(sd))
+
+
+def test_skipped_conversion_names_the_files_own_format(tiny_sd):
+    """convert_on_load on a file that is already quantized is skipped, and the load line says what the file is."""
+    q, info = quantized(tiny_sd, "nf4"), {"format": "nf4"}
+    assert convert_state_dict(q, "q8_0", info) is q and info["conversion"] == "q8_0 skipped: file is already nf4"
+    info = {"format": "fp8 (scaled)"}
+    convert_state_dict(quantized(tiny_sd, "fp8_e4m3fn_scaled"), "nf4", info)
+    assert info["conversion"] == "nf4 skipped: file is already fp8 (scaled)"
+    # a Q4_K_M-style mix: the block types, most frequent first, the float ones left out
+    info = {"container": "gguf", "tensor_types": {"F32": 500, "Q4_K": 300, "Q6_K": 40}}
+    convert_state_dict(quantized(tiny_sd, "q8_0"), "q8_0", info)
+    assert info["conversion"] == "q8_0 skipped: file is already GGUF Q4_K/Q6_K"
