@@ -399,3 +399,13 @@ def test_live_reference_types_and_imatrix_flag(llamacpp):
     llamacpp.check_types()
     assert not llamacpp.lib.ggml_quantize_requires_imatrix(int(Q.Q4_K))
     assert llamacpp.lib.ggml_quantize_requires_imatrix(int(Q.IQ2_XXS))
+
+
+def test_workers_run_under_the_callers_inference_mode():
+    """ComfyUI runs nodes under torch.inference_mode; worker threads must not write an inference tensor from
+    outside it (they do not inherit the mode)."""
+    from kontext_lowvram.optimizations.quant import gguf_quantize as gq
+    with torch.inference_mode():
+        w = torch.randn(2048, 512) * 0.02  # several chunks, so worker threads run them
+        blocks = gq.quantize_q4_k(w)
+    assert blocks.dtype == torch.uint8 and blocks.shape == (2048, 512 // 256 * 144)

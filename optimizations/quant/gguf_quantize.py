@@ -585,9 +585,11 @@ def _chunked(qtype: GGMLQuantizationType, encode: Callable[[torch.Tensor], torch
         rows = max(1, chunk_elements(w.device) // k)
         row_bytes = out.shape[1]
 
+        inference = torch.is_inference_mode_enabled()  # ComfyUI runs nodes under it; `out` may be an inference tensor
+
         def run(r0: int) -> None:
             r1 = min(n, r0 + rows)
-            with torch.no_grad():  # grad mode is per thread
+            with torch.no_grad(), torch.inference_mode(inference):  # grad and inference mode are per thread
                 x = w[r0:r1].detach().to(torch.float32).contiguous().reshape(-1, block)
                 out[r0:r1] = encode(x).reshape(r1 - r0, row_bytes)
 
