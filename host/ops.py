@@ -49,11 +49,14 @@ def make_comfy_ops(fp8_matmul: bool = True):
 
     class KontextLowVRAMOps(base):
         class Linear(base.Linear):
+            KLV_LINEAR = True  # host/model.py's check of the built model finds our layers by this
+
             def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
                 # No full-size float allocation: the state dict supplies every tensor (a 12B model would
                 # otherwise claim 24 GB of RAM before the quantized weights arrive).
                 torch.nn.Module.__init__(self)
                 self.in_features, self.out_features = in_features, out_features
+                self.klv_has_bias = bool(bias)  # what the host built this layer with (FLUX.2: no biases)
                 self.weight = None
                 self.bias = None
 
@@ -62,9 +65,17 @@ def make_comfy_ops(fp8_matmul: bool = True):
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs):
+                # The shapes the host built this layer with are the architecture its detection chose: a file
+                # whose tensors disagree is another model (or a damaged one), reported as torch reports it.
+                want = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
                 for key in [k for k in state_dict if k.startswith(prefix)]:
                     name, value = key[len(prefix):], state_dict[key]
-                    if name == "weight" and isinstance(value, QTensor):
+                    if name in want and tuple(value.shape) != want[name]:
+                        error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} "
+                                          f"from checkpoint, the shape in current model is {want[name]}.")
+                    elif name == "bias" and not self.klv_has_bias:
+                        unexpected_keys.append(key)  # as core's bias-less Linear: not used
+                    elif name == "weight" and isinstance(value, QTensor):
                         adopt_quantized_weight(self, value)
                     elif name in ("weight", "bias"):
                         setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
@@ -72,6 +83,8 @@ def make_comfy_ops(fp8_matmul: bool = True):
                         unexpected_keys.append(key)
                 if self.weight is None:
                     missing_keys.append(prefix + "weight")
+                if self.klv_has_bias and self.bias is None:
+                    missing_keys.append(prefix + "bias")
 
             def forward_comfy_cast_weights(self, input, *args, **kwargs):
                 if not is_quantized(self):

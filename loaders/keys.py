@@ -1,9 +1,12 @@
 """Key-name conventions shared by the readers and writers."""
+from .flux2_layout import SHARED_MODULATIONS
 from .flux_layout import TRANSFORMER_PREFIXES
 
 # city96's GGUF convention (and ours for on-load conversion): quantize the big block linears, keep the
 # small input/output projections and all 1-D tensors in full precision — they are tiny and precision-sensitive.
-QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.")
+# FLUX.2's shared modulation layers (one per stream instead of one per block, each as big as a block's attention)
+# count as block linears: city96's FLUX.2 files quantize them too.
+QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.") + SHARED_MODULATIONS
 
 
 def strip_prefix(keys):

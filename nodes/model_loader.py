@@ -7,9 +7,10 @@ COMPUTE_DTYPES = ("default", "bf16", "fp16", "fp32")
 
 class LowVRAMModelLoader:
     DISPLAY_NAME = "Load Diffusion Model (GGUF/FP8/NF4) · Kontext LowVRAM"
-    SEARCH_ALIASES = ["gguf", "unet loader", "load diffusion model", "fp8", "nf4", "flux kontext"]
-    DESCRIPTION = ("Loads a FLUX.1 / FLUX.1 Kontext diffusion model in any common format — GGUF (Q2_K…Q8_0, IQ4), "
-                   "FP8 (plain, scaled, ComfyUI comfy_quant), bitsandbytes NF4 or bf16/fp16 — detected from the file. "
+    SEARCH_ALIASES = ["gguf", "unet loader", "load diffusion model", "fp8", "nf4", "flux kontext", "flux2", "klein"]
+    DESCRIPTION = ("Loads a FLUX-family diffusion model — FLUX.1 / Kontext, FLUX.2 [dev] / [klein], Chroma: whatever "
+                   "this ComfyUI's own model detection runs — in any common format: GGUF (Q2_K…Q8_0, IQ4), "
+                   "FP8 (plain, scaled, ComfyUI comfy_quant), bitsandbytes NF4 or bf16/fp16, detected from the file. "
                    "Quantized weights stay quantized in memory and are dequantized layer by layer on the GPU.")
     CATEGORY = "Kontext LowVRAM/loaders"
     RETURN_TYPES = ("MODEL",)

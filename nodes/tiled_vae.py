@@ -34,8 +34,8 @@ class LowVRAMTiledVAEDecode:
         return {
             "required": {
                 "samples": ("LATENT", {"tooltip": "The latent to decode (e.g. the KSampler output)."}),
-                "vae": ("VAE", {"tooltip": "The VAE to decode with (FLUX 16-channel AE or any SD-style "
-                                           "AutoencoderKL)."}),
+                "vae": ("VAE", {"tooltip": "The VAE to decode with (FLUX.1 16-channel AE, FLUX.2 "
+                                           "32-channel AE or any SD-style AutoencoderKL)."}),
                 **TILE_INPUT,
             },
             "optional": dict(BUDGET_INPUT),
@@ -62,8 +62,8 @@ class LowVRAMTiledVAEEncode:
             "required": {
                 "pixels": ("IMAGE", {"tooltip": "The image to encode. Width and height are center-cropped to "
                                                 "multiples of 8, as core VAE Encode does."}),
-                "vae": ("VAE", {"tooltip": "The VAE to encode with (FLUX 16-channel AE or any SD-style "
-                                           "AutoencoderKL)."}),
+                "vae": ("VAE", {"tooltip": "The VAE to encode with (FLUX.1 16-channel AE, FLUX.2 "
+                                           "32-channel AE or any SD-style AutoencoderKL)."}),
                 **TILE_INPUT,
             },
             "optional": dict(BUDGET_INPUT),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import memory_model as mm
 
-MODELS = ("kontext",)
+MODELS = mm.MODEL_KEYS  # FLUX.1 Kontext [dev] (measured), FLUX.2 [dev] / [klein] 4B / 9B (estimates: memory_model)
 DESKTOP_RESERVE_GIB = 0.7  # what a display, a browser and the compositor hold on the card (estimate)
 DRIVER_RESERVE_GIB = 0.3  # the driver's own share on a headless card (estimate)
 STREAMING_FORMAT = "Q4_K_M"  # streamed weights cross PCIe every step: fewest bytes that keep the edit faithful
@@ -65,53 +65,62 @@ def usable_vram(req: Request) -> float:
     return req.vram_gib - (DESKTOP_RESERVE_GIB if req.desktop else DRIVER_RESERVE_GIB)
 
 
-def _pick_model(usable: float, n_tokens: int, ram_room: float | None):
+def _pick_model(usable: float, n_tokens: int, ram_room: float | None, spec: mm.ModelSpec = None):
     """Resident down to STREAMING_FORMAT; below it a streamed STREAMING_FORMAT beats a resident smaller one (a
     10 GB card would otherwise get a worse model than an 8 GB one). Then streamed, smaller formats. Either way the
     file must fit `ram_room` (RAM besides ComfyUI and the smallest text encoders), where that is known."""
-    floor = [f.name for f in mm.FORMATS].index(STREAMING_FORMAT)
-    in_ram = [f for f in mm.FORMATS if ram_room is None or mm.weight_gib(f) <= ram_room]
+    spec = spec or mm.model_spec()
+    formats, cfg = spec.formats, spec.cfg
+    floor = [f.name for f in formats].index(STREAMING_FORMAT)
+    in_ram = [f for f in formats if ram_room is None or mm.weight_gib(f, cfg=cfg) <= ram_room]
     for fmt in in_ram:
-        if mm.FORMATS.index(fmt) <= floor and mm.denoise_gib(fmt, n_tokens) <= usable:
+        if formats.index(fmt) <= floor and mm.denoise_gib(fmt, n_tokens, cfg) <= usable:
             return fmt, "resident"
     for fmt in in_ram:
-        if mm.FORMATS.index(fmt) >= floor and mm.streaming_denoise_gib(fmt, n_tokens) <= usable:
+        if formats.index(fmt) >= floor and mm.streaming_denoise_gib(fmt, n_tokens, cfg) <= usable:
             return fmt, "streamed"
     return None, "streamed"
 
 
-def _pick_text_encoder(usable: float, ram_room: float | None):
+def _pick_text_encoder(usable: float, ram_room: float | None, spec: mm.ModelSpec = None):
     """fp8 T5 first (fp16 buys nothing FLUX can see), smaller GGUF ones where VRAM or RAM is short; on the GPU
-    when its encode peak fits the card, else on the CPU."""
-    candidates = mm.TEXT_ENCODERS[1:]
-    fitting = [e for e in candidates if ram_room is None or e.t5_gib + mm.CLIP_L_GIB <= ram_room] or candidates[-1:]
+    when its encode peak fits the card, else on the CPU. FLUX.2: its encoder's files, best first."""
+    spec = spec or mm.model_spec()
+    candidates = spec.text_encoders
+    fitting = [e for e in candidates if ram_room is None or e.t5_gib + spec.extra_encoder_gib <= ram_room] \
+        or candidates[-1:]
     for enc in fitting:
-        if mm.text_encode_gib(enc) <= usable:
+        if mm.text_encode_gib(enc, spec.extra_encoder_gib) <= usable:
             return enc, "gpu_then_release"
     return fitting[-1], "cpu"
 
 
 def plan(req: Request) -> Plan:
+    spec = mm.model_spec(req.model)
+    cfg = spec.cfg
     usable = usable_vram(req)
     n_tokens = mm.tokens(req.width, req.height, req.references)
     base = mm.PROCESS_RAM_GIB
-    smallest_encoders = mm.TEXT_ENCODERS[-1].t5_gib + mm.CLIP_L_GIB
-    fmt, weights = _pick_model(usable, n_tokens, None if req.ram_gib is None else req.ram_gib - base - smallest_encoders)
-    model_gib = mm.weight_gib(fmt) if fmt else mm.weight_gib(mm.FORMAT_BY_NAME["Q2_K"])
-    enc, te_device = _pick_text_encoder(usable, None if req.ram_gib is None else req.ram_gib - base - model_gib)
+    smallest_encoders = spec.text_encoders[-1].t5_gib + spec.extra_encoder_gib
+    ram_room = None if req.ram_gib is None else req.ram_gib - base - smallest_encoders
+    fmt, weights = _pick_model(usable, n_tokens, ram_room, spec)
+    model_gib = mm.weight_gib(fmt, cfg=cfg) if fmt else mm.weight_gib(_smallest_format(spec), cfg=cfg)
+    enc, te_device = _pick_text_encoder(usable, None if req.ram_gib is None else req.ram_gib - base - model_gib, spec)
     vae_untiled = mm.vae_decode_gib(req.width, req.height)
     vae_budget = 0 if vae_untiled <= usable else int(max(usable * 0.5, mm.TILED_VAE_MIN_GIB) * 1024)
     p = Plan(req, fmt is not None, fmt, weights, enc, te_device, "auto", vae_budget)
 
-    encoders_gib = enc.t5_gib + mm.CLIP_L_GIB
-    denoise = (mm.denoise_gib(fmt, n_tokens) if weights == "resident" else mm.streaming_denoise_gib(fmt, n_tokens)) \
-        if fmt else usable
+    encoders_gib = enc.t5_gib + spec.extra_encoder_gib
+    denoise = (mm.denoise_gib(fmt, n_tokens, cfg) if weights == "resident"
+               else mm.streaming_denoise_gib(fmt, n_tokens, cfg)) if fmt else usable
     vae = mm.vae_decode_gib(req.width, req.height, vae_budget / 1024 if vae_budget else None)
+    cached = "0 on a cached prompt (LowVRAMTextEncode): the encoders are not even read" if spec.key == "kontext" \
+        else "ComfyUI's own text encode; the encoder leaves the GPU before the denoise"
     p.phases = [
-        Phase("load", mm.weight_gib(fmt) if fmt and weights == "resident" else 0.0, base + model_gib,
+        Phase("load", mm.weight_gib(fmt, cfg=cfg) if fmt and weights == "resident" else 0.0, base + model_gib,
               "weights read once; GGUF files are memory-mapped, so they count as page cache"),
-        Phase("text encode", mm.text_encode_gib(enc) if te_device != "cpu" else 0.0, base + model_gib + encoders_gib,
-              "0 on a cached prompt (LowVRAMTextEncode): the encoders are not even read"),
+        Phase("text encode", mm.text_encode_gib(enc, spec.extra_encoder_gib) if te_device != "cpu" else 0.0,
+              base + model_gib + encoders_gib, cached),
         Phase("denoise", denoise, base + model_gib, f"{n_tokens} tokens a step, weights {weights}"),
         Phase("VAE decode", vae, base + model_gib,
               "seam-free tiled decode" + (f" held to {vae_budget} MB" if vae_budget else ", one tile when it fits")),
@@ -124,10 +133,11 @@ def plan(req: Request) -> Plan:
         "attention by a memory-lean kernel (sdpa / flash / sage): no token x token score matrix",
         f"{DESKTOP_RESERVE_GIB if req.desktop else DRIVER_RESERVE_GIB} GB of the card kept for "
         + ("the desktop" if req.desktop else "the driver"),
-    ]
-    if not fmt and _pick_model(usable, n_tokens, None)[0] is None:  # else RAM alone rules every format out
-        need = min(mm.streaming_denoise_gib(f, n_tokens) for f in mm.FORMATS) + req.vram_gib - usable
-        p.problems.append(f"{req.vram_gib:g} GB of VRAM is too little for a {req.width}x{req.height} Kontext edit: "
+    ] + list(spec.notes)
+    if not fmt and _pick_model(usable, n_tokens, None, spec)[0] is None:  # else RAM alone rules every format out
+        need = min(mm.streaming_denoise_gib(f, n_tokens, cfg) for f in spec.formats) + req.vram_gib - usable
+        what = "Kontext" if spec.key == "kontext" else spec.title
+        p.problems.append(f"{req.vram_gib:g} GB of VRAM is too little for a {req.width}x{req.height} {what} edit: "
                           f"it needs at least {_round_up(need)} GB with the weights streamed from RAM (a smaller "
                           "resolution needs less)")
     need_ram = max(ph.ram_gib for ph in p.phases)
@@ -144,9 +154,16 @@ def _round_up(gib: float) -> float:
     return math.ceil(gib * 10) / 10
 
 
+def _smallest_format(spec: mm.ModelSpec) -> mm.ModelFormat:
+    return next(f for f in spec.formats if f.name == "Q2_K")
+
+
 def _smallest_ram(req: Request) -> float:
-    """RAM for the smallest setup: Q2_K streamed, the Q4_K_M T5 (the encoders leave RAM after the prompt)."""
-    return mm.PROCESS_RAM_GIB + mm.weight_gib(mm.FORMAT_BY_NAME["Q2_K"]) + mm.TEXT_ENCODERS[-1].t5_gib + mm.CLIP_L_GIB
+    """RAM for the smallest setup: Q2_K streamed, the Q4_K_M T5 (the encoders leave RAM after the prompt); FLUX.2:
+    its smallest encoder file."""
+    spec = mm.model_spec(req.model)
+    return (mm.PROCESS_RAM_GIB + mm.weight_gib(_smallest_format(spec), cfg=spec.cfg) + spec.text_encoders[-1].t5_gib
+            + spec.extra_encoder_gib)
 
 
 def _launch_options(req: Request, weights: str):
@@ -168,16 +185,24 @@ def _launch_options(req: Request, weights: str):
 def format_plan(p: Plan) -> str:
     """The plan in plain words and numbers, as `kontext-lowvram plan` prints it."""
     r = p.request
-    lines = [f"Kontext LowVRAM plan: FLUX.1 Kontext [dev] on {r.vram_gib:g} GB VRAM"
+    spec = mm.model_spec(r.model)
+    lines = [f"Kontext LowVRAM plan: {spec.title} on {r.vram_gib:g} GB VRAM"
              + (f" / {r.ram_gib:g} GB RAM" if r.ram_gib else "") + f", {r.width}x{r.height}, "
              f"{r.references} reference(s), {r.steps} steps", ""]
     if p.model_format:
         f = p.model_format
         err = f"{f.error * 100:.1f} % weight error" if f.error else ("exact" if f.error == 0 else "error not measured")
         lines += [f"Diffusion model: {f.name} ({err}) — {f.file} in models/diffusion_models, "
-                  f"loaded with 'Load Diffusion Model (GGUF/FP8/NF4)'; {mm.weight_gib(f):.1f} GB, weights {p.weights}"]
-    lines += [f"Text encoders:   {mm.CLIP_L_FILE} + {p.text_encoder.file} in models/text_encoders, "
-              f"device policy '{p.text_encoder_device}', encode with 'Text Encode FLUX (cached)'",
+                  f"loaded with 'Load Diffusion Model (GGUF/FP8/NF4)'; {mm.weight_gib(f, cfg=spec.cfg):.1f} GB, "
+                  f"weights {p.weights}"]
+    if spec.key == "kontext":
+        lines += [f"Text encoders:   {mm.CLIP_L_FILE} + {p.text_encoder.file} in models/text_encoders, "
+                  f"device policy '{p.text_encoder_device}', encode with 'Text Encode FLUX (cached)'"]
+    else:
+        lines += [f"Text encoder:    {p.text_encoder.file} in models/text_encoders ({p.text_encoder.t5_gib:.1f} GB, "
+                  "an estimate), loaded with ComfyUI's 'Load CLIP' (type flux2), device "
+                  f"{'default' if p.text_encoder_device != 'cpu' else 'cpu'}"]
+    lines += [
               f"Attention:       '{p.attention}' (Attention Backend node: sage, then flash, then sdpa)",
               "VAE decode:      'Tiled VAE Decode (seam-free)', tile_size 0, "
               f"vram_budget_mb {p.vae_budget_mb}" + (" (as much as is free)" if not p.vae_budget_mb else ""), "",

@@ -131,8 +131,8 @@ class WeightFactory:
     """Per-shape templates on the GPU, one CPU copy per layer."""
 
     def __init__(self, cfg, device):
-        from kontext_lowvram.loaders.flux_layout import flux_tensor_shapes
-        self.shapes = flux_tensor_shapes(cfg)
+        from kontext_lowvram.optimizations.memory_model import tensor_shapes
+        self.shapes = tensor_shapes(cfg)  # FLUX.1 (FluxConfig) or FLUX.2 (Flux2Config)
         self.std = 1.2 / cfg.hidden_size ** 0.5
         self.device = device
         self.templates = {}
@@ -245,14 +245,56 @@ class NvmlPeak:
         self._t.join()
 
 
-def forward_inputs(device, cfg_tokens=(128, 512)):
+def forward_inputs(device, cfg_tokens=(128, 512), cfg=None):
+    """The latent, reference latent, text and pooled vector of one step. FLUX.1: 16 channels at 1/8 (2x2 patches in
+    the model); FLUX.2: 128 channels at 1/16 (patch 1), so `side` (the FLUX.1 latent side) halves: same tokens."""
     import torch
     side, txt = cfg_tokens
+    channels, width = 16, 4096
+    if is_flux2(cfg):
+        channels, width, side = cfg.in_channels, cfg.context_in_dim, side // 2
     g = torch.Generator(device=device).manual_seed(1)
-    return dict(x=torch.randn(1, 16, side, side, generator=g, device=device),
-                ref=torch.randn(1, 16, side, side, generator=g, device=device),
-                ctx=torch.randn(1, txt, 4096, generator=g, device=device),
+    return dict(x=torch.randn(1, channels, side, side, generator=g, device=device),
+                ref=torch.randn(1, channels, side, side, generator=g, device=device),
+                ctx=torch.randn(1, txt, width, generator=g, device=device),
                 y=torch.randn(1, 768, generator=g, device=device))
+
+
+def is_flux2(cfg) -> bool:
+    from kontext_lowvram.loaders.flux2_layout import Flux2Config
+    return isinstance(cfg, Flux2Config)
+
+
+#: --model: the transformer the bench builds at full size with random weights
+MODELS = ("flux1-dev", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b")
+
+
+def model_config(name, smoke=False):
+    """The full-size config of --model; with --smoke a small one of the same kind (the whole flow, any device)."""
+    from dataclasses import replace
+
+    from kontext_lowvram.loaders.flux2_layout import FLUX2_MODELS
+    from kontext_lowvram.loaders.flux_layout import FLUX_DEV, FluxConfig
+    if name == "flux1-dev":
+        # v0.3.64 hard-codes FLUX.1's width 3072: the smoke keeps it
+        return FluxConfig(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1) if smoke else FLUX_DEV
+    cfg = FLUX2_MODELS[name]
+    # FLUX.2 hosts read the width from the weights: the smoke is 256 wide (2 heads of 128), 1 + 1 blocks, the real
+    # text width and guidance embedding
+    return replace(cfg, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1) if smoke else cfg
+
+
+def host_runs(cfg) -> str | None:
+    """None when this ComfyUI's own detection reads `cfg`'s layout as the model it is; else why not."""
+    import torch
+    from kontext_lowvram.host.architecture import detected_image_model, host_version
+    from kontext_lowvram.optimizations.memory_model import tensor_shapes
+    want = "flux2" if is_flux2(cfg) else "flux"
+    seen = detected_image_model({k: torch.empty(v, device="meta") for k, v in tensor_shapes(cfg).items()})
+    if seen == want:
+        return None
+    return (f"ComfyUI {host_version()} reads this layout as image_model {seen!r}, not {want!r}"
+            + (": it predates FLUX.2 (v0.3.72+ runs [dev], v0.9.2+ [klein]; v0.29 both)" if want == "flux2" else ""))
 
 
 def step_fn(model, inp):
@@ -395,9 +437,10 @@ def matmul_rates(device):
 def forward_flops(cfg, img=8192, txt=512):
     """(linear FLOPs, attention FLOPs) of one FLUX forward at the Kontext shape (modulation vectors ignored)."""
     h, m = cfg.hidden_size, cfg.mlp_hidden_dim
-    per_stream = h * 3 * h + h * h + 2 * h * m              # qkv, proj, mlp in/out
+    mlp_in = 2 * m if is_flux2(cfg) else m  # FLUX.2's SwiGLU: gate and value
+    per_stream = h * 3 * h + h * h + h * mlp_in + m * h      # qkv, proj, mlp in/out
     double = 2 * (img + txt) * per_stream * cfg.depth
-    single = 2 * (img + txt) * (h * (3 * h + m) + (h + m) * h) * cfg.depth_single_blocks
+    single = 2 * (img + txt) * (h * (3 * h + mlp_in) + (h + m) * h) * cfg.depth_single_blocks
     L = img + txt
     attn = 4 * L * L * h * (cfg.depth + cfg.depth_single_blocks)
     return double + single, attn
@@ -410,7 +453,6 @@ def run(args):
     import comfy.sd
     import comfy.utils
 
-    from kontext_lowvram.loaders.flux_layout import FLUX_DEV
     from kontext_lowvram.loaders.writers import to_safetensors_dict
     from kontext_lowvram.host import compat
     from kontext_lowvram.host.lora import apply_plan, plan_for_model
@@ -420,12 +462,14 @@ def run(args):
     from kontext_lowvram.optimizations.fp8_linear import ENV_ROWWISE
 
     dev = mm.get_torch_device()
-    cfg = FLUX_DEV
-    if args.smoke:  # the whole flow on a tiny model (CPU works): checks this script, measures nothing
-        from kontext_lowvram.loaders.flux_layout import FluxConfig
-        cfg = FluxConfig(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1)  # v0.3.64 needs 3072
+    # --smoke: the whole flow on a small model (CPU works): checks this script, measures nothing
+    cfg = model_config(getattr(args, "model", "flux1-dev"), args.smoke)
+    why_not = host_runs(cfg)
+    if why_not:
+        print(f"bench --model {args.model}: {why_not}", file=sys.stderr)
+        return 2
     factory = WeightFactory(cfg, dev)
-    inp = forward_inputs(dev, (16, 8) if args.smoke else (128, 512))
+    inp = forward_inputs(dev, (16, 8) if args.smoke else (128, 512), cfg)
     ballast = None
     if args.vram_gb:
         free = torch.cuda.mem_get_info()[0]
@@ -555,6 +599,7 @@ def table(args, rows, rates, floor_bf16, floor_fp8, dynamic, lin, attn):
         "",
         f"torch {torch.__version__}; Triton dequant {'on' if triton_on else 'off'}; "
         f"dynamic VRAM {'on' if dynamic else 'off'}; {'VRAM capped at %s GiB by ballast; ' % args.vram_gb if args.vram_gb else ''}"
+        f"model {getattr(args, 'model', 'flux1-dev')}{' (smoke size)' if args.smoke else ''}, "
         f"Kontext 1024² shape (4096 + 4096 + 512 tokens), batch 1, median of {args.steps} steps after a warm-up. "
         f"Measured matmul: bf16 {rates['bf16']:.0f} TFLOP/s, fp8 {rates['fp8'] or 0:.0f} TFLOP/s. "
         f"FLOP floor of one step: {floor_bf16:.3f} s (bf16), {floor_fp8:.3f} s (fp8 linears) "
@@ -659,6 +704,9 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="full-size FLUX s/step / peak VRAM per format vs ComfyUI core and ComfyUI-GGUF "
                                      "(CUDA GPU and COMFYUI_PATH needed)")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default $COMFYUI_PATH)")
+    p.add_argument("--model", choices=MODELS, default="flux1-dev",
+                   help="the transformer, built at full size with random weights: FLUX.1 [dev] / Kontext (default), "
+                        "FLUX.2 [dev], [klein] 4B / 9B (FLUX.2 needs a ComfyUI that runs it, e.g. v0.29)")
     p.add_argument("--formats", nargs="*", default=OURS, help="our formats to measure")
     p.add_argument("--gguf-formats", nargs="*", default=GGUF_NODE, help="ComfyUI-GGUF formats (needs GGUF_NODE_PATH)")
     p.add_argument("--include", nargs="*", default=["core", "upcast"],
