@@ -1,4 +1,5 @@
-"""`kontext-lowvram` command line: `demo` (the README's first command), `info FILE`, `plan` and `bench` (GPU)."""
+"""`kontext-lowvram` command line: `demo` (the README's first command), `inspect FILE` (alias `info`), `compare A B`,
+`plan` and `bench` (GPU)."""
 import argparse
 import contextlib
 import importlib.util
@@ -104,51 +105,84 @@ def demo(args):
     print("\nEvery file was written in its real on-disk layout, detected from its bytes and read back through "
           "kontext_lowvram.loaders; errors are against the bf16 weights it was made from.")
     if keep:
-        print(f"The files are in {keep}: try `kontext-lowvram info {os.path.join(keep, 'model-gguf-q8_0.gguf')}`.")
+        print(f"The files are in {keep}: try `kontext-lowvram inspect {os.path.join(keep, 'model-gguf-q8_0.gguf')}`.")
     return 0
 
 
-INPUT_KINDS = {64: "dev / schnell / Kontext", 128: "Depth / Canny", 384: "Fill"}
+def _hash_progress():
+    """sha256 progress on stderr where a person watches it (a terminal), else nothing."""
+    if not sys.stderr.isatty():
+        return None
+    last = [-1]
+
+    def report(done, total):
+        pct = int(100 * done / max(total, 1))
+        if pct != last[0]:
+            last[0] = pct
+            print(f"\rsha256: {pct} %", end="" if done < total else "\r\033[K", file=sys.stderr, flush=True)
+    return report
 
 
-def _size(n_bytes) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
-
-
-def _count(n) -> str:
-    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def describe(sd, inf) -> list:
-    """A loaded model file in plain words and numbers (what `info` prints)."""
-    from .loaders import resident_bytes, type_counts
-    from .optimizations import QTensor
-    cfg = inf["flux_config"]
-    quantized = [v for v in sd.values() if isinstance(v, QTensor)]
-    resident = resident_bytes(sd)
-    types = type_counts(inf)
-    kind = INPUT_KINDS.get(cfg.in_channels, f"{cfg.in_channels} input channels")
-    return [
-        f"file: {inf['file']}",
-        f"size: {_size(inf['file_bytes'])} on disk ({inf['container']})",
-        f"format: {inf.get('format') or 'GGUF'}" + (f"; tensor types {types}" if types else ""),
-        f"model: FLUX.1 transformer ({kind}), {_count(cfg.num_params)} parameters: hidden {cfg.hidden_size}, "
-        f"{cfg.num_heads} heads, {cfg.depth} double + {cfg.depth_single_blocks} single blocks"
-        + (", guidance embedding" if cfg.guidance_embed else ", no guidance embedding (schnell-style)"),
-        f"tensors: {len(sd)}, {len(quantized)} of them quantized",
-        f"resident weights: {_size(resident)} in VRAM when fully loaded (activations come on top: "
-        "see `kontext-lowvram plan`)",
-    ]
-
-
-def info(args):
-    from .loaders import ModelFileError, load_model_file
+def sidecar_lines(path, digest, write: bool):
+    """(lines, exit status) for the file's sha256 sidecar: matches / none / does not match (1) / unreadable (1)."""
+    from .loaders import ModelFileError, integrity
+    name = os.path.basename(integrity.sidecar_path(path))
     try:
-        sd, inf = load_model_file(args.file)
+        expected = integrity.read_sidecar(path)
+    except ModelFileError as e:
+        if not write:
+            return [f"sidecar: {e}"], 1
+        expected = None
+    if write:
+        integrity.write_sidecar(path)
+        return [f"sidecar: wrote {name}" + (" (the old one did not match)" if expected not in (None, digest) else "")], 0
+    if expected is None:
+        return ["sidecar: none (`kontext-lowvram inspect --write-sidecar FILE` or `sha256sum FILE > FILE.sha256` "
+                "writes one; the loaders then check the file before loading it)"], 0
+    if expected == digest:
+        return [f"sidecar: {name} matches"], 0
+    return [f"sidecar: does not match: {integrity.mismatch_error(path, digest, expected)}"], 1
+
+
+def inspect(args):
+    from .loaders import ModelFileError, integrity
+    from .loaders.identify import describe, identify
+    try:
+        sd, inf = identify(args.file)
     except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(describe(sd, inf)))
+    if getattr(args, "no_hash", False):
+        print("sha256: not computed (--no-hash)")
+        return 0
+    digest, _ = integrity.file_digest(args.file, _hash_progress())
+    lines, status = sidecar_lines(args.file, digest, getattr(args, "write_sidecar", False))
+    print("\n".join([f"sha256: {digest}"] + lines))
+    return status
+
+
+info = inspect  # the subcommand's first name
+
+
+def compare(args):
+    from .loaders.images import read_image, same_channels
+    from .optimizations import image_compare as ic
+    try:
+        a, b = same_channels(read_image(args.a), read_image(args.b))
+        ic.check_same_size(a, b, names=(args.a, args.b))
+        result = ic.compare(a, b)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = [f"a: {args.a}", f"b: {args.b}", f"size: {ic.size_text(a.shape)}"] + ic.summary_lines(result)
+    if args.heatmap:
+        from PIL import Image
+        gain = ic.auto_gain(result.max_abs)
+        heat = ic.heat_map(a, b, gain).mul(255).round().byte().numpy()
+        Image.fromarray(heat, "RGB").save(args.heatmap)
+        lines.append(f"heat map: {args.heatmap} (white = a difference of {1 / gain:.4g} or more)")
+    print("\n".join(lines))
     return 0
 
 
@@ -210,7 +244,8 @@ def add_plan_parser(sub):
     pl.add_argument("--references", type=int, default=1, choices=range(0, 5), metavar="N",
                     help="reference images (Kontext: 1; multi-reference: 2-4)")
     pl.add_argument("--steps", type=int, default=20, help="sampling steps (shown; memory does not depend on them)")
-    pl.add_argument("--model", default="kontext", choices=("kontext",), help="the model family")
+    pl.add_argument("--model", default="kontext", choices=("kontext", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"),
+                    help="the model: FLUX.1 Kontext [dev] (measured) or FLUX.2 [dev] / [klein] 4B / 9B (estimates)")
     pl.add_argument("--headless", action="store_true", help="the card drives no display (less is kept back)")
     pl.set_defaults(fn=plan_main)
     return pl
@@ -269,12 +304,24 @@ def main(argv=None):
     d.add_argument("--workdir", type=_writable_dir, default=None,
                    help="where temporary model files go (default: system temp)")
     d.add_argument("--keep", type=_writable_dir, default=None, metavar="DIR",
-                   help="write the files into DIR and keep them (to try `info` on), instead of a temporary folder")
+                   help="write the files into DIR and keep them (to try `inspect` on), instead of a temporary folder")
     d.set_defaults(fn=demo)
-    i = sub.add_parser("info", help="detect a model file's format and architecture")
+    i = sub.add_parser("inspect", aliases=["info"], help="a weights file's architecture, format, size, tensor types, "
+                                                          "estimated VRAM and sha256 (checked against its sidecar)")
     i.add_argument("file")
-    i.set_defaults(fn=info)
+    i.add_argument("--no-hash", action="store_true", help="skip the sha256 (it reads the whole file)")
+    i.add_argument("--write-sidecar", action="store_true",
+                   help="write FILE.sha256 (sha256sum's format), which the loaders check before loading FILE")
+    i.set_defaults(fn=inspect)
+    c = sub.add_parser("compare", help="PSNR, SSIM and mean absolute difference of two images of the same size")
+    c.add_argument("a", help="an image file (PNG, JPEG, WebP, ...)")
+    c.add_argument("b", help="the image to compare it with")
+    c.add_argument("--heatmap", metavar="OUT.png", help="also write where they differ: |a-b| amplified so the "
+                                                       "largest difference is white")
+    c.set_defaults(fn=compare)
     add_plan_parser(sub)
+    from .cli_convert import add_convert_parser  # `convert`: its own module
+    add_convert_parser(sub)
     sub.add_parser("bench", add_help=False, help="full-size FLUX s/step / peak VRAM per format vs ComfyUI core and "
                                                  "ComfyUI-GGUF (CUDA GPU and COMFYUI_PATH needed; runs tools/bench.py "
                                                  "of a source checkout: `kontext-lowvram bench --help`)")

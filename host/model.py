@@ -6,13 +6,15 @@ import logging
 
 from ..loaders import load_model_file, load_summary
 from ..optimizations import QTensor, dequantize
-from . import compat
+from . import compat, denoise, report
+from .architecture import build_checked
 
 # Weights whose *shape* the host reads off the built module, so raw quantized storage (whose width is a byte count)
-# would give it a wrong answer: model_base.Flux.concat_cond (FLUX.1, Kontext, Fill, FLUX.2, Chroma) takes the
-# input channel count from img_in.weight.shape[1] — a Q8_0 img_in read as 68 bytes wide made Kontext concatenate a
-# zero image — and Flux control LoRAs widen img_in through a padded diff patch, which only a dense weight takes.
-# They are tiny (FLUX.1 img_in: 0.2 M values), so they are stored dense in float32, their exact values.
+# would give it a wrong answer: model_base.Flux.concat_cond (FLUX.1, Kontext, Fill, Chroma, and FLUX.2, whose
+# model_base.Flux2 inherits it) takes the input channel count from img_in.weight.shape[1] — a Q8_0 img_in read as 68
+# bytes wide made Kontext concatenate a zero image; FLUX.2's 128-wide img_in reads as 136 > its 128 output channels —
+# and Flux control LoRAs widen img_in through a padded diff patch, which only a dense weight takes.
+# They are tiny (FLUX.1 img_in: 0.2 M values, FLUX.2 [dev]: 0.8 M), so they are stored dense in float32, exactly.
 HOST_READS_SHAPE = ("img_in.weight",)
 log = logging.getLogger("kontext_lowvram")
 
@@ -45,8 +47,12 @@ def build_model(sd, fp8_matmul=True, compute_dtype="default", disable_dynamic=Fa
     if disable_dynamic and compat.diffusion_loader_disables_dynamic():
         kwargs["disable_dynamic"] = True
     model = comfy.sd.load_diffusion_model_state_dict(dense_where_host_reads_shape(sd), model_options=options, **kwargs)
+    if model is None:
+        return None
     # a core LoRA loader must not turn GGUF/NF4 layers into bf16 at load
-    return keep_quantized_under_lora(model) if model is not None else None
+    model = keep_quantized_under_lora(model)
+    denoise.attach(model)
+    return model
 
 
 def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="default", disable_dynamic=False):
@@ -57,15 +63,19 @@ def load_model(path, convert_on_load="none", fp8_matmul=True, compute_dtype="def
     conditioning, MultiGPU) by calling it with disable_dynamic=True, and raises when a model has none."""
     import comfy.utils
 
-    pbar = comfy.utils.ProgressBar(100)
-    sd, info = load_model_file(path, convert=convert_on_load,
-                               progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
-    model = build_model(sd, fp8_matmul, compute_dtype, disable_dynamic)
-    if model is None:
-        raise RuntimeError(f"{path}: ComfyUI could not recognise this diffusion model's architecture "
-                           "(is it a FLUX transformer? text encoders and VAEs need their own loaders)")
-    model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
-    log.info("Kontext LowVRAM: loaded %s", load_summary(sd, info))
+    from .sidecar import verify as verify_sidecar
+
+    with report.phase("model load") as rec:
+        verify_sidecar(path)  # a <file>.sha256 beside it: checked once per file identity, on the progress bar
+        pbar = comfy.utils.ProgressBar(100)
+        sd, info = load_model_file(path, convert=convert_on_load,
+                                   progress=lambda i, n: pbar.update_absolute(int(100 * i / max(n, 1)), 100))
+        summary = load_summary(sd, info)  # before the host builds the model: it empties the state dict
+        rec.note(summary)
+        # the host's detection decides the architecture; a file it cannot run fails naming the ComfyUI it needs
+        model = build_checked(lambda: build_model(sd, fp8_matmul, compute_dtype, disable_dynamic), sd, path, info)
+        model.cached_patcher_init = (load_model, (path, convert_on_load, fp8_matmul, compute_dtype))
+    log.info("Kontext LowVRAM: loaded %s", summary)
     return model
 
 

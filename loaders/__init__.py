@@ -11,12 +11,18 @@ from .errors import ModelFileError
 from .keys import should_quantize, strip_prefix
 
 CONVERSIONS = ("none", "fp8_e4m3fn_scaled", "nf4", "q8_0")
+FAMILY_FIX = ("this loader takes FLUX-family diffusion models (FLUX.1 / Kontext, FLUX.2 [dev] / [klein], Chroma); "
+              "text encoders and VAEs have their own loaders")
 
 
-def load_model_file(path, convert: str = "none", progress=None, check_arch: bool = True):
-    """-> (state dict, info). `convert` quantizes a bf16/fp16/fp32 file while loading (see CONVERSIONS)."""
+def load_model_file(path, convert: str = "none", progress=None, check_arch: bool = True, verify: bool = True):
+    """-> (state dict, info). `convert` quantizes a bf16/fp16/fp32 file while loading (see CONVERSIONS). `verify`:
+    a `<file>.sha256` sidecar, where there is one, must match first (integrity.py: once per file identity)."""
     path = os.fspath(path)
     container = detect_container(path)
+    if verify:
+        from .integrity import verify_sidecar
+        verify_sidecar(path)
     if container == "gguf":
         from .gguf_loader import read_gguf
         sd, info = read_gguf(path, progress)
@@ -26,13 +32,15 @@ def load_model_file(path, convert: str = "none", progress=None, check_arch: bool
     prefix = strip_prefix(sd)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if check_arch:
-        from .flux_layout import detect_flux_config
+    if check_arch:  # the FLUX family and bounded checks; which model it is, and whether it runs, is the host's call
+        from .transformer import check_transformer
         try:
-            info["flux_config"] = detect_flux_config({k: tuple(v.shape) for k, v in sd.items()})
+            found = check_transformer({k: tuple(v.shape) for k, v in sd.items()})
         except ValueError as e:
-            raise ModelFileError(path, f"not a FLUX transformer ({e})",
-                                 "this loader takes FLUX.1 / Kontext diffusion models; text encoders and VAEs have their own loaders") from None
+            raise ModelFileError(path, f"not a FLUX transformer ({e})", FAMILY_FIX) from None
+        info["transformer"] = found.name
+        if found.config is not None:
+            info["flux2_config" if found.family == "FLUX.2" else "flux_config"] = found.config
     info["file"] = path
     info["file_bytes"] = os.path.getsize(path)
     sd = convert_state_dict(sd, convert, info, progress)
@@ -48,10 +56,10 @@ def convert_state_dict(sd, convert, info, progress=None):
     if convert == "none":
         return sd
     if any(isinstance(v, QTensor) for v in sd.values()):
-        info["conversion"] = f"skipped: the file is already quantized ({info.get('format', 'gguf')})"
+        info["conversion"] = f"{convert} skipped: file is already {quantized_format(info)}"
         return sd
     out = quantize_state_dict(sd, convert, progress)
-    info["conversion"] = f"{convert}: {sum(out[k] is not sd[k] for k in sd)} tensors"
+    info["conversion"] = f"{convert}: {sum(out[k] is not sd[k] for k in sd)} tensors quantized"
     return out
 
 
@@ -81,6 +89,16 @@ def type_counts(info) -> str:
     return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def quantized_format(info) -> str:
+    """The quantized format of a loaded file in words: "GGUF Q4_K/Q6_K" (its block types, most frequent first),
+    "fp8 (scaled)", "nf4"."""
+    counts = info.get("tensor_types") or {}
+    blocks = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if t not in ("F32", "F16", "BF16")]
+    if blocks:
+        return "GGUF " + "/".join(blocks)
+    return info.get("format") or info.get("container", "quantized")
+
+
 def load_summary(sd, info) -> str:
     """One line saying what a load did: file, detected format, resident size, quantized tensors, conversion."""
     from ..optimizations import QTensor
@@ -89,7 +107,7 @@ def load_summary(sd, info) -> str:
     line = (f"{os.path.basename(info['file'])}: {fmt}; {resident_bytes(sd) / 2**30:.2f} GiB resident, "
             f"{n_quant} of {len(sd)} tensors quantized")
     conversion = info.get("conversion")
-    return line + (f"; convert_on_load {conversion}" if conversion else "")
+    return line + (f"; convert_on_load={conversion}" if conversion else "; no conversion")
 
 
 def load_state_dict(path, convert: str = "none"):
@@ -98,4 +116,4 @@ def load_state_dict(path, convert: str = "none"):
 
 
 __all__ = ["load_state_dict", "load_model_file", "convert_state_dict", "quantize_state_dict", "load_summary",
-           "resident_bytes", "ModelFileError", "CONVERSIONS"]
+           "quantized_format", "resident_bytes", "ModelFileError", "CONVERSIONS"]

@@ -15,21 +15,32 @@ DISPLAY_NAMES = {
     "LowVRAMLoraLoader": "LoRA on Quantized Model (low-rank) · Kontext LowVRAM",
     "LowVRAMTextEncoderLoader": "Load Text Encoders (lazy, GGUF/FP8) · Kontext LowVRAM",
     "LowVRAMTextEncode": "Text Encode FLUX (cached) · Kontext LowVRAM",
+    "LowVRAMLLMTextEncoderLoader": "Load FLUX.2 Text Encoder (lazy, GGUF/FP8) · Kontext LowVRAM",
+    "LowVRAMTextEncodeFlux2": "Text Encode FLUX.2 (cached) · Kontext LowVRAM",
+    "LowVRAMCompareImages": "Compare Images (PSNR / SSIM) · Kontext LowVRAM",
+    "LowVRAMReport": "VRAM Report (per phase) · Kontext LowVRAM",
+    "LowVRAMConvert": "Convert Model (GGUF/FP8/NF4) · Kontext LowVRAM",
 }
 # what people type into ComfyUI v0.29's node search to find each node (older hosts ignore SEARCH_ALIASES)
 SEARCH_ALIASES = {
-    "LowVRAMModelLoader": ["gguf", "unet loader", "load diffusion model", "fp8", "nf4", "flux kontext"],
+    "LowVRAMModelLoader": ["gguf", "unet loader", "load diffusion model", "fp8", "nf4", "flux kontext", "flux2", "klein"],
     "LowVRAMTextEncoderLoader": ["dual clip loader", "t5", "clip loader gguf"],
     "LowVRAMTiledVAEDecode": ["vae decode tiled"],
     "LowVRAMTiledVAEEncode": ["vae encode tiled"],
     "LowVRAMLoraLoader": ["lora loader", "lora gguf"],
     "LowVRAMAttention": ["sage attention", "flash attention"],
     "LowVRAMTextEncode": ["clip text encode flux", "cached"],
+    "LowVRAMLLMTextEncoderLoader": ["clip loader flux2", "mistral", "qwen3", "klein text encoder"],
+    "LowVRAMTextEncodeFlux2": ["clip text encode", "flux2 prompt", "cached"],
+    "LowVRAMCompareImages": ["image diff", "psnr", "ssim", "difference"],
+    "LowVRAMReport": ["vram report", "memory report", "profiler"],
+    "LowVRAMConvert": ["convert", "quantize", "gguf converter", "make gguf"],
 }
 # expert inputs v0.29's frontend folds away ({"advanced": True}; older hosts show them as usual)
 ADVANCED = {("LowVRAMModelLoader", "compute_dtype"), ("LowVRAMModelLoader", "fp8_matmul"),
             ("LowVRAMModelLoader", "torch_compile"), ("LowVRAMTextEncode", "cache_max_mb"),
-            ("LowVRAMAttention", "split_chunk_mb")}
+            ("LowVRAMTextEncodeFlux2", "cache_max_mb"),
+            ("LowVRAMAttention", "split_chunk_mb"), ("LowVRAMConvert", "verify")}
 
 
 @pytest.fixture
@@ -51,7 +62,9 @@ def test_every_node_is_declared_completely(fake_folder_paths):
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY.startswith("Kontext LowVRAM/")
         assert callable(getattr(cls, cls.FUNCTION)) and cls.RETURN_TYPES and cls.DESCRIPTION
-        for section in cls.INPUT_TYPES().values():
+        for kind, section in cls.INPUT_TYPES().items():
+            if kind == "hidden":  # filled in by the host (e.g. the prompt), never shown
+                continue
             for inp, spec in section.items():
                 assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
 
@@ -64,8 +77,8 @@ def test_mappings_are_built_from_the_one_node_list():
 
 def test_search_aliases_and_advanced_inputs(fake_folder_paths):
     assert {name: cls.SEARCH_ALIASES for name, cls in NODE_CLASS_MAPPINGS.items()} == SEARCH_ALIASES
-    advanced = {(name, inp) for name, cls in NODE_CLASS_MAPPINGS.items() for section in cls.INPUT_TYPES().values()
-                for inp, spec in section.items() if spec[1].get("advanced") is True}
+    advanced = {(name, inp) for name, cls in NODE_CLASS_MAPPINGS.items() for kind, section in cls.INPUT_TYPES().items()
+                if kind != "hidden" for inp, spec in section.items() if spec[1].get("advanced") is True}
     assert advanced == ADVANCED
 
 
