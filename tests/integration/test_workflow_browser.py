@@ -294,8 +294,9 @@ def test_the_missing_model_check_sees_a_missing_file(chromium, server):
     absent = "klv_no_such_model.safetensors"
     loader = the_one((n for n in wf["nodes"] if n["type"] == "LowVRAMModelLoader"), "model loader")
     loader["widgets_values"][0] = absent
-    for m in loader.get("properties", {}).get("models", []):
-        m["name"] = absent
+    # a download entry such as the .safetensors loaders carry (.gguf loaders have none: make_workflows says why)
+    loader.setdefault("properties", {})["models"] = [
+        {"name": absent, "url": f"https://huggingface.co/klv/none/resolve/main/{absent}", "directory": "diffusion_models"}]
     with opened(chromium, server) as w:
         notices = load_graph(w.page, wf)
     assert any(absent in t for t in notices), f"the frontend said nothing of the missing {absent}: {notices}"
