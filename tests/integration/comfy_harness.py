@@ -97,6 +97,16 @@ def is_comfy_checkout(root: Path) -> bool:
     return (root / "main.py").is_file() and (root / "nodes.py").is_file() and (root / "comfy").is_dir()
 
 
+def host_has(root: Path | None, relpath: str, marker: str) -> bool:
+    """Whether the host's `relpath` source mentions `marker` (how the FLUX.2 tests tell a host that runs it)."""
+    return root is not None and marker in (root / relpath).read_text(encoding="utf-8", errors="replace")
+
+
+def predates_reason(root: Path | None, what: str = "FLUX.2") -> str:
+    """The skip reason for a test that needs `what`: no host configured at all, or a host too old for it."""
+    return SKIP_REASON if root is None else f"ComfyUI v{comfy_version(root)} predates {what}"
+
+
 def comfy_version(root: Path) -> str:
     """``__version__`` from ``comfyui_version.py`` (falls back to pyproject.toml, then "0.0.0")."""
     for name, pat in (("comfyui_version.py", r"__version__\s*=\s*[\"']([^\"']+)"),

@@ -36,9 +36,8 @@ from kontext_lowvram.optimizations import QTensor, dequantize
 
 ROOT = H.comfy_root_from_env()
 VERSION = H.comfy_version(ROOT) if ROOT else "?"
-HOST_RUNS_FLUX2 = ROOT is not None and "double_stream_modulation_img" in \
-    (ROOT / "comfy" / "model_detection.py").read_text(encoding="utf-8", errors="replace")
-needs_flux2 = pytest.mark.skipif(not HOST_RUNS_FLUX2, reason=f"ComfyUI v{VERSION} predates FLUX.2")
+HOST_RUNS_FLUX2 = H.host_has(ROOT, "comfy/model_detection.py", "double_stream_modulation_img")
+needs_flux2 = pytest.mark.skipif(not HOST_RUNS_FLUX2, reason=H.predates_reason(ROOT))
 MODELS = {"dev": TINY_FLUX2_DEV, "klein": TINY_FLUX2_KLEIN}
 
 # format -> (file suffix, quantization, writer option, bound vs the bf16 original). Bounds: ~1.5x the errors measured

@@ -35,9 +35,8 @@ from kontext_lowvram.optimizations import quantize
 
 ROOT = H.comfy_root_from_env()
 VERSION = H.comfy_version(ROOT) if ROOT else "?"
-HOST_HAS_FLUX2 = ROOT is not None and "FLUX2 = " in (ROOT / "comfy" / "sd.py").read_text(encoding="utf-8",
-                                                                                         errors="replace")
-pytestmark = pytest.mark.skipif(not HOST_HAS_FLUX2, reason=f"ComfyUI v{VERSION} predates FLUX.2")
+HOST_HAS_FLUX2 = H.host_has(ROOT, "comfy/sd.py", "FLUX2 = ")
+pytestmark = pytest.mark.skipif(not HOST_HAS_FLUX2, reason=H.predates_reason(ROOT))
 
 
 def _mistral_tokenizer_works():

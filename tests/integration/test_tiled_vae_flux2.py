@@ -18,9 +18,8 @@ from test_tiled_vae import _assert_tiled, psnr, rel_l2
 
 ROOT = H.comfy_root_from_env()
 VERSION = H.comfy_version(ROOT) if ROOT else "?"
-HOST_HAS_FLUX2_VAE = ROOT is not None and "batch_norm_latent" in \
-    (ROOT / "comfy" / "sd.py").read_text(encoding="utf-8", errors="replace")
-pytestmark = pytest.mark.skipif(not HOST_HAS_FLUX2_VAE, reason=f"ComfyUI v{VERSION} predates FLUX.2")
+HOST_HAS_FLUX2_VAE = H.host_has(ROOT, "comfy/sd.py", "batch_norm_latent")
+pytestmark = pytest.mark.skipif(not HOST_HAS_FLUX2_VAE, reason=H.predates_reason(ROOT))
 
 W, H_ = 256, 192     # latent 16 x 12 (128 ch); decoder input 32 x 24 (32 ch): 4 x 3 tiles of 64 px
 TILE = 64
