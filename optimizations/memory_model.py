@@ -261,12 +261,22 @@ FLUX2_FILES = {
 MISTRAL3_FLUX2_PARAMS = 17.34e9
 QWEN3_4B_PARAMS = 4.02e9
 QWEN3_8B_PARAMS = 8.19e9
+# llama.cpp's Q4_K_M keeps half the attn_v / ffn_down tensors in Q6_K: ~4.9 bits a weight in an LLM (an estimate)
+LLM_Q4_K_M_BITS = 4.9
 FLUX2_TEXT_ENCODERS = {
-    # fp8 only, as the T5 choice for FLUX.1: the bf16 file (mistral_3_small_flux2_bf16, 32 GiB) is never what fits
+    # fp8 only, as the T5 choice for FLUX.1: the bf16 file (mistral_3_small_flux2_bf16, 32 GiB) is never what fits,
+    # and a Mistral GGUF needs its tekken.json beside it, which its repositories do not ship
     "flux2-dev": (TextEncoderFormat("fp8_e4m3fn", MISTRAL3_FLUX2_PARAMS / GIB,
                                     "mistral_3_small_flux2_fp8.safetensors"),),
-    "flux2-klein-4b": (TextEncoderFormat("bf16", QWEN3_4B_PARAMS * 2 / GIB, "qwen_3_4b.safetensors"),),
-    "flux2-klein-9b": (TextEncoderFormat("fp8 mixed", QWEN3_8B_PARAMS / GIB, "qwen_3_8b_fp8mixed.safetensors"),),
+    # Qwen3 GGUFs (unsloth's names) for cards where the safetensors file does not fit beside nothing: a 4-8 B LLM
+    # on the CPU takes minutes a prompt, on the GPU seconds
+    "flux2-klein-4b": (TextEncoderFormat("bf16", QWEN3_4B_PARAMS * 2 / GIB, "qwen_3_4b.safetensors"),
+                       TextEncoderFormat("Q8_0", QWEN3_4B_PARAMS * 8.5 / 8 / GIB, "Qwen3-4B-Q8_0.gguf"),
+                       TextEncoderFormat("Q4_K_M", QWEN3_4B_PARAMS * LLM_Q4_K_M_BITS / 8 / GIB,
+                                         "Qwen3-4B-Q4_K_M.gguf")),
+    "flux2-klein-9b": (TextEncoderFormat("fp8 mixed", QWEN3_8B_PARAMS / GIB, "qwen_3_8b_fp8mixed.safetensors"),
+                       TextEncoderFormat("Q4_K_M", QWEN3_8B_PARAMS * LLM_Q4_K_M_BITS / 8 / GIB,
+                                         "Qwen3-8B-Q4_K_M.gguf")),
 }
 
 

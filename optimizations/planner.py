@@ -114,8 +114,8 @@ def plan(req: Request) -> Plan:
     denoise = (mm.denoise_gib(fmt, n_tokens, cfg) if weights == "resident"
                else mm.streaming_denoise_gib(fmt, n_tokens, cfg)) if fmt else usable
     vae = mm.vae_decode_gib(req.width, req.height, vae_budget / 1024 if vae_budget else None)
-    cached = "0 on a cached prompt (LowVRAMTextEncode): the encoders are not even read" if spec.key == "kontext" \
-        else "ComfyUI's own text encode; the encoder leaves the GPU before the denoise"
+    cached = ("0 on a cached prompt (Text Encode FLUX" + ("" if spec.key == "kontext" else ".2") + " (cached)): the "
+              "encoders are not even read")
     p.phases = [
         Phase("load", mm.weight_gib(fmt, cfg=cfg) if fmt and weights == "resident" else 0.0, base + model_gib,
               "weights read once; GGUF files are memory-mapped, so they count as page cache"),
@@ -200,8 +200,8 @@ def format_plan(p: Plan) -> str:
                   f"device policy '{p.text_encoder_device}', encode with 'Text Encode FLUX (cached)'"]
     else:
         lines += [f"Text encoder:    {p.text_encoder.file} in models/text_encoders ({p.text_encoder.t5_gib:.1f} GB, "
-                  "an estimate), loaded with ComfyUI's 'Load CLIP' (type flux2), device "
-                  f"{'default' if p.text_encoder_device != 'cpu' else 'cpu'}"]
+                  "an estimate), loaded with 'Load FLUX.2 Text Encoder (lazy, GGUF/FP8)', device policy "
+                  f"'{p.text_encoder_device}', encode with 'Text Encode FLUX.2 (cached)'"]
     lines += [
               f"Attention:       '{p.attention}' (Attention Backend node: sage, then flash, then sdpa)",
               "VAE decode:      'Tiled VAE Decode (seam-free)', tile_size 0, "

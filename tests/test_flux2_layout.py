@@ -381,7 +381,7 @@ def test_plans_for_flux2(key):
     for vram in (8, 12, 16, 24, 32, 48, 96):
         p = plan(Request(vram_gib=vram, ram_gib=96, model=key))
         text = format_plan(p)
-        assert spec.title in text and "ESTIMATES" in text and "Load CLIP' (type flux2)" in text
+        assert spec.title in text and "ESTIMATES" in text and "Text Encode FLUX.2 (cached)" in text
         if p.fits:
             for ph in p.phases:
                 assert ph.vram_gib <= vram
