@@ -21,7 +21,10 @@ from workflow_graph import FRONTEND_ONLY, SLOTS, UI_ONLY_WIDGETS  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 LOADER_FILES = {"LowVRAMModelLoader": ("diffusion_models",), "LowVRAMTextEncoderLoader": ("text_encoders",) * 2,
-                "VAELoader": ("vae",), "LowVRAMLoraLoader": ("loras",)}
+                "LowVRAMLLMTextEncoderLoader": ("text_encoders",), "VAELoader": ("vae",),
+                "LowVRAMLoraLoader": ("loras",)}
+KONTEXT = [s for s in MW.SPECS if s.model == "kontext"]
+FLUX2 = [s for s in MW.SPECS if s.model != "kontext"]
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -49,7 +52,9 @@ def test_the_issue_asks_for_these_workflows():
     names = {p.stem for p in WORKFLOWS}
     assert names == {s.name for s in MW.SPECS} == {
         "kontext_edit_8gb", "kontext_edit_12gb", "kontext_edit_16gb", "kontext_edit_24gb", "kontext_edit_32gb_plus",
-        "kontext_multi_reference_16gb", "kontext_edit_fast_8gb", "kontext_edit_fast_12gb"}
+        "kontext_multi_reference_16gb", "kontext_edit_fast_8gb", "kontext_edit_fast_12gb",
+        "flux2_klein_edit_8gb", "flux2_klein_edit_12gb", "flux2_dev_edit_16gb", "flux2_dev_edit_24gb",
+        "flux2_dev_edit_32gb_plus"}
 
 
 def test_committed_workflows_are_what_the_generator_writes():
@@ -58,7 +63,7 @@ def test_committed_workflows_are_what_the_generator_writes():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("spec", MW.SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", KONTEXT, ids=lambda s: s.name)
 def test_each_workflow_makes_the_planners_choices(spec):
     wf = load(ROOT / "workflows" / f"{spec.name}.json")
     p = planner.plan(planner.Request(vram_gib=spec.vram, references=spec.references, steps=spec.steps))
@@ -89,10 +94,66 @@ def test_each_workflow_makes_the_planners_choices(spec):
 
 def test_tiers_get_no_worse_model_with_more_vram():
     rank = {f.file: i for i, f in enumerate(mm.FORMATS)}  # best first
-    edits = sorted((s for s in MW.SPECS if s.references == 1 and not s.turbo), key=lambda s: s.vram)
+    edits = sorted((s for s in KONTEXT if s.references == 1 and not s.turbo), key=lambda s: s.vram)
     ranks = [rank[widgets(by_type(load(ROOT / "workflows" / f"{s.name}.json"), "LowVRAMModelLoader")[0])
                   ["model_name"]] for s in edits]
     assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) >= 4
+
+
+def _source(wf, node, input_name):
+    """The node feeding `node`'s input `input_name`."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    (link,) = [i["link"] for i in node["inputs"] if i["name"] == input_name]
+    return nodes[next(lk[1] for lk in wf["links"] if lk[0] == link)]
+
+
+@pytest.mark.parametrize("spec", FLUX2, ids=lambda s: s.name)
+def test_each_flux2_workflow_makes_the_planners_choices(spec):
+    """The planner's files and policies, and the graph of ComfyUI's own FLUX.2 edit templates: [dev] FluxGuidance 4
+    and a BasicGuider, [klein] CFG 1 with an empty negative, Flux2Scheduler with the spec's steps, the encoded image
+    as both the reference and the sampler's latent."""
+    wf = load(ROOT / "workflows" / f"{spec.name}.json")
+    p = planner.plan(planner.Request(vram_gib=spec.vram, steps=spec.steps, model=spec.model))
+    assert p.fits and not p.problems
+    (model,) = by_type(wf, "LowVRAMModelLoader")
+    assert widgets(model)["model_name"] == p.model_format.file
+    (te,) = by_type(wf, "LowVRAMLLMTextEncoderLoader")
+    assert widgets(te) == {"text_encoder_name": p.text_encoder.file, "device": p.text_encoder_device}
+    assert by_type(wf, "LowVRAMTextEncoder") == [] and by_type(wf, "KSampler") == []
+    for vae_node in by_type(wf, "LowVRAMTiledVAEDecode") + by_type(wf, "LowVRAMTiledVAEEncode"):
+        assert widgets(vae_node)["vram_budget_mb"] == p.vae_budget_mb
+    (vae,) = by_type(wf, "VAELoader")
+    assert widgets(vae)["vae_name"] == "flux2-vae.safetensors"
+    (sched,) = by_type(wf, "Flux2Scheduler")
+    assert widgets(sched)["steps"] == spec.steps
+    (run,) = by_type(wf, "SamplerCustomAdvanced")
+    (ref,) = by_type(wf, "ReferenceLatent")
+    (enc,) = by_type(wf, "LowVRAMTiledVAEEncode")
+    assert _source(wf, run, "latent_image") is enc and _source(wf, ref, "latent") is enc
+    guider = _source(wf, run, "guider")
+    assert _source(wf, guider, "model")["type"] == "LowVRAMAttention"
+    if spec.model == "flux2-dev":
+        assert guider["type"] == "BasicGuider" and spec.steps == 20
+        (guidance,) = by_type(wf, "FluxGuidance")
+        assert widgets(guidance)["guidance"] == 4.0 and _source(wf, ref, "conditioning") is guidance
+    else:
+        assert guider["type"] == "CFGGuider" and widgets(guider)["cfg"] == 1.0 and spec.steps == 4
+        assert _source(wf, guider, "positive") is ref
+        assert _source(wf, _source(wf, guider, "negative"), "conditioning") is ref
+    (note,) = by_type(wf, "MarkdownNote")
+    text = note["widgets_values"][0]
+    assert p.model_format.file in text and p.text_encoder.file in text
+    assert f"--model {spec.model} --vram {spec.vram}" in text
+    for ph in p.phases:
+        assert f"| {ph.name} | {ph.vram_gib:.1f} | {ph.ram_gib:.1f} |" in text
+
+
+def test_flux2_tiers_get_no_worse_dev_model_with_more_vram():
+    formats = [f.file for f in mm.model_spec("flux2-dev").formats]
+    devs = sorted((s for s in FLUX2 if s.model == "flux2-dev"), key=lambda s: s.vram)
+    ranks = [formats.index(widgets(by_type(load(ROOT / "workflows" / f"{s.name}.json"), "LowVRAMModelLoader")[0])
+                           ["model_name"]) for s in devs]
+    assert ranks == sorted(ranks, reverse=True)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -210,3 +271,15 @@ def test_each_workflow_has_a_thumbnail(path):
 def test_pyproject_ships_workflows_and_thumbnails():
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert '"workflows/*.json"' in text and '"workflows/*.jpg"' in text
+
+
+@pytest.mark.parametrize("spec", FLUX2, ids=lambda s: s.name)
+def test_readme_flux2_table_is_the_planners_answer(spec):
+    """README's FLUX.2 rows name the workflow, the planner's files, policies and peaks for that tier."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `{spec.name}` |"))
+    p = MW.plan_for(spec)
+    assert f"| {spec.vram} GB | {spec.family}" in row and f"`{p.model_format.file}`" in row
+    assert f"`{p.text_encoder.file}` ({p.text_encoder_device})" in row and f"| {p.weights} |" in row
+    assert " / ".join(f"{ph.vram_gib:.1f}" for ph in p.phases) in row
+    assert f"| {max(ph.ram_gib for ph in p.phases):.1f} |" in row

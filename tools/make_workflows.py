@@ -15,7 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from workflow_graph import Graph, dumps  # noqa: E402
+import workflow_flux2  # noqa: E402
+from workflow_graph import Graph, decode_group, dumps  # noqa: E402
 
 from kontext_lowvram.optimizations import memory_model as mm  # noqa: E402
 from kontext_lowvram.optimizations import planner  # noqa: E402
@@ -61,6 +62,11 @@ class Spec:
     references: int = 1
     steps: int = 20
     turbo: bool = False
+    model: str = "kontext"  # planner.Request.model
+
+    @property
+    def family(self) -> str:
+        return mm.model_spec(self.model).title
 
 
 SPECS = (
@@ -73,11 +79,18 @@ SPECS = (
     Spec("kontext_edit_fast_8gb", 8, "FLUX.1 Kontext fast edit (8 steps, Turbo LoRA) · 8 GB", steps=8, turbo=True),
     Spec("kontext_edit_fast_12gb", 12, "FLUX.1 Kontext fast edit (8 steps, Turbo LoRA) · 12 GB", steps=8,
          turbo=True),
+    # FLUX.2: [klein] 4B where 8 GB is all there is, 9B (better, non-commercial) from 12 GB; [dev] from 16 GB
+    Spec("flux2_klein_edit_8gb", 8, "FLUX.2 [klein] 4B edit · 8 GB", steps=4, model="flux2-klein-4b"),
+    Spec("flux2_klein_edit_12gb", 12, "FLUX.2 [klein] 9B edit · 12 GB", steps=4, model="flux2-klein-9b"),
+    Spec("flux2_dev_edit_16gb", 16, "FLUX.2 [dev] edit · 16 GB", model="flux2-dev"),
+    Spec("flux2_dev_edit_24gb", 24, "FLUX.2 [dev] edit · 24 GB", model="flux2-dev"),
+    Spec("flux2_dev_edit_32gb_plus", 32, "FLUX.2 [dev] edit · 32 GB and more", model="flux2-dev"),
 )
 
 
 def plan_for(spec: Spec):
-    return planner.plan(planner.Request(vram_gib=spec.vram, references=spec.references, steps=spec.steps))
+    return planner.plan(planner.Request(vram_gib=spec.vram, references=spec.references, steps=spec.steps,
+                                        model=spec.model))
 
 
 def models_entry(*files):
@@ -93,6 +106,8 @@ def build(spec: Spec) -> dict:
     p = plan_for(spec)
     if not p.fits:
         raise SystemExit(f"{spec.name}: the planner says it does not fit: {p.problems}")
+    if spec.model != "kontext":
+        return workflow_flux2.build(spec, p, INPUT_IMAGE)
     model_file, t5_file = p.model_format.file, p.text_encoder.file
     g = Graph(spec.name)
     y_ref = 380 + 40 * spec.references
@@ -166,15 +181,7 @@ def build(spec: Spec) -> dict:
     g.link(latents[0], 0, sampler, "latent_image")
     g.group("4 Sample", [sampler])
 
-    x_dec = x_sample + 400
-    decode = g.add("LowVRAMTiledVAEDecode", (x_dec, 0), (340, 110), tile_size=0, vram_budget_mb=p.vae_budget_mb)
-    report = g.add("LowVRAMReport", (x_dec, 150), (340, 220))
-    save = g.add("SaveImage", (x_dec, 410), (420, 460), filename_prefix=f"kontext_lowvram/{spec.name}")
-    g.link(sampler, 0, decode, "samples")
-    g.link(vae, 0, decode, "vae")
-    g.link(decode, 0, report, "value")
-    g.link(report, 0, save, "images")
-    g.group("5 Decode", [decode, report, save])
+    decode_group(g, x_sample + 400, sampler, vae, p.vae_budget_mb, spec.name)
     return g.to_json()
 
 
@@ -224,7 +231,7 @@ def thumbnail(spec: Spec, path: Path) -> None:
     d = ImageDraw.Draw(img)
     big, small = ImageFont.load_default(size=44), ImageFont.load_default(size=24)
     d.rectangle((0, 0, 511, 12), fill=(63, 120, 158))
-    d.text((28, 40), "FLUX.1 Kontext", font=small, fill=(180, 200, 220))
+    d.text((28, 40), "FLUX.1 Kontext" if spec.model == "kontext" else spec.family, font=small, fill=(180, 200, 220))
     d.text((28, 78), f"{spec.vram} GB" + (" +" if spec.name.endswith("plus") else ""), font=big,
            fill=(255, 255, 255))
     rows = [f"{p.model_format.name}, weights {p.weights}", f"{spec.steps} steps"

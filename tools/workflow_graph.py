@@ -20,6 +20,9 @@ SLOTS = {
     "LowVRAMTextEncoderLoader": ([], ["clip_l_name", "t5xxl_name", "device"], [("clip", "CLIP")]),
     "LowVRAMTextEncode": ([("clip", "CLIP")], ["clip_l", "t5xxl", "guidance", "cache", "cache_max_mb"],
                           [("CONDITIONING", "CONDITIONING")]),
+    "LowVRAMLLMTextEncoderLoader": ([], ["text_encoder_name", "device"], [("clip", "CLIP")]),
+    "LowVRAMTextEncodeFlux2": ([("clip", "CLIP")], ["text", "cache", "cache_max_mb"],
+                               [("CONDITIONING", "CONDITIONING")]),
     "LowVRAMTiledVAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], ["tile_size", "vram_budget_mb"],
                               [("LATENT", "LATENT")]),
     "LowVRAMTiledVAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["tile_size", "vram_budget_mb"],
@@ -39,6 +42,19 @@ SLOTS = {
                  ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
                  [("LATENT", "LATENT")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    # ComfyUI core, the FLUX.2 graph (its own templates' nodes; v0.29)
+    "ImageScaleToTotalPixels": ([("image", "IMAGE")], ["upscale_method", "megapixels", "resolution_steps"],
+                                [("IMAGE", "IMAGE")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], ["guidance"], [("CONDITIONING", "CONDITIONING")]),
+    "RandomNoise": ([], ["noise_seed", "control_after_generate"], [("NOISE", "NOISE")]),
+    "KSamplerSelect": ([], ["sampler_name"], [("SAMPLER", "SAMPLER")]),
+    "Flux2Scheduler": ([], ["steps", "width", "height"], [("SIGMAS", "SIGMAS")]),
+    "BasicGuider": ([("model", "MODEL"), ("conditioning", "CONDITIONING")], [], [("GUIDER", "GUIDER")]),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")], ["cfg"],
+                  [("GUIDER", "GUIDER")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                               ("sigmas", "SIGMAS"), ("latent_image", "LATENT")], [],
+                              [("output", "LATENT"), ("denoised_output", "LATENT")]),
     # the frontend's own (never sent to the server)
     "MarkdownNote": ([], ["text"], []),
 }
@@ -144,6 +160,18 @@ class Graph:
         if n.type in FRONTEND_ONLY:
             d["color"], d["bgcolor"] = "#432", "#653"
         return d
+
+
+def decode_group(g: Graph, x: int, samples: Node, vae: Node, vram_budget_mb: int, name: str) -> None:
+    """Step 5 of every bundled workflow: the tiled decode, the VRAM report it passes through, the saved image."""
+    decode = g.add("LowVRAMTiledVAEDecode", (x, 0), (340, 110), tile_size=0, vram_budget_mb=vram_budget_mb)
+    report = g.add("LowVRAMReport", (x, 150), (340, 220))
+    save = g.add("SaveImage", (x, 410), (420, 460), filename_prefix=f"kontext_lowvram/{name}")
+    g.link(samples, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, report, "value")
+    g.link(report, 0, save, "images")
+    g.group("5 Decode", [decode, report, save])
 
 
 def dumps(graph: dict) -> str:

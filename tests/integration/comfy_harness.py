@@ -107,6 +107,24 @@ def predates_reason(root: Path | None, what: str = "FLUX.2") -> str:
     return SKIP_REASON if root is None else f"ComfyUI v{comfy_version(root)} predates {what}"
 
 
+MISTRAL_TOKENIZER_REASON = ("core's FLUX.2 Mistral tokenizer cannot be built with this transformers (ComfyUI v0.29 "
+                            "calls MistralConverter(vocab=...), transformers 5.x takes MistralConverter(vocab_file))")
+
+
+def mistral_tokenizer_works() -> bool:
+    """Whether this Python's transformers has the MistralConverter(vocab=...) that core's FLUX.2 [dev] tokenizer calls
+    (the server runs on the same Python)."""
+    import inspect
+    try:
+        from transformers.integrations.mistral import MistralConverter
+    except Exception:
+        try:
+            from transformers.models.pixtral.convert_pixtral_weights_to_hf import MistralConverter
+        except Exception:
+            return False
+    return "vocab" in inspect.signature(MistralConverter.__init__).parameters
+
+
 def comfy_version(root: Path) -> str:
     """``__version__`` from ``comfyui_version.py`` (falls back to pyproject.toml, then "0.0.0")."""
     for name, pat in (("comfyui_version.py", r"__version__\s*=\s*[\"']([^\"']+)"),

@@ -6,7 +6,7 @@ For every workflow in workflows/: the page fetches it from the template browser'
 bypassed), converts it with the frontend's own `app.graphToPrompt()` — which must give the very prompt that
 tools/workflow_prompt.py's `ui_to_prompt(cpu_sized(workflow), object_info)` gives — and queues it
 (`app.queuePrompt(0, 1)`); the server runs it, writes a real 128x128 image, the page shows that image on the
-Save Image node and the per-phase report in the VRAM Report node's box (web/report.js). Errors from our frontend
+Save Image node and the per-phase report in the VRAM Report node's box (web/text_boxes.js). Errors from our frontend
 extension (/extensions/comfyui-kontext-lowvram/...) fail the test; the frontend's own noise is printed. One
 screenshot per workflow goes to pytest's tmp_path (printed; run with -s).
 
@@ -41,7 +41,7 @@ PAGE_READY_MS = 180_000
 IMAGE_SHOWN_MS = 120_000
 PROMPT_TIMEOUT_S = 1200  # v0.3.64's test transformer is 3072 wide; the machine may be busy with other runs
 IMAGE_SIZE = 128
-REPORT_WIDGET = "report"  # the box web/report.js adds to the VRAM Report node
+REPORT_WIDGET = "report"  # the box web/text_boxes.js adds to the VRAM Report node
 # what the frontends show when a workflow names a model file the host lacks: v1.27's "Missing Models" dialog,
 # v1.47's "<file> is missing" toast
 NOTICE = re.compile(r"missing|not found", re.I)
@@ -83,7 +83,8 @@ def server(chromium, comfy_root, flux_cfg):
     srv = H.ComfyServer(comfy_root)
     try:
         for path in WORKFLOWS:
-            WM.write_files(srv, load(path), flux_cfg)
+            if WM.loadable(load(path)):
+                WM.write_files(srv, load(path), flux_cfg)
         srv.start(timeout=300)
         # a person past the first-run template dialog, which would otherwise cover the canvas of every new page
         srv.post_json("/settings/Comfy.TutorialCompleted", True)
@@ -133,7 +134,7 @@ class WatchedPage:
 
     def ours(self):
         """Problems of our own frontend code: page errors / console errors from our extension files, and the
-        warning report.js logs when it could not show a report."""
+        warning text_boxes.js logs when it could not show a report."""
         out = [f"page error: {m}\n{s}" for m, s in self.page_errors if OUR_EXTENSION_FILES in m + s]
         out += [f"console {t}: {text} ({url})" for t, text, url in self.console
                 if (t == "error" and OUR_EXTENSION_FILES in text + url) or text.startswith("Kontext LowVRAM")]
@@ -203,16 +204,16 @@ def load_graph(page, graph):
 
 JS_NODES = "() => window.app.graph.nodes.map(n => ({id: String(n.id), type: n.type, mode: n.mode}))"
 
-JS_CPU_SIZE = """({steps, bypass}) => {
+JS_CPU_SIZE = """({steps, bypass, stepNodes, scaleNodes}) => {
   // what a person does on a CPU: type 2 into the sampler's steps, bypass the 1-megapixel scaling (Ctrl+B)
   const done = [];
   for (const n of window.app.graph.nodes) {
-    if (n.type === 'KSampler') {
+    if (stepNodes.includes(n.type)) {
       const w = (n.widgets || []).find(w => w.name === 'steps');
-      if (!w) throw new Error('KSampler #' + n.id + ' has no steps widget');
+      if (!w) throw new Error(n.type + ' #' + n.id + ' has no steps widget');
       w.value = steps;
       done.push([String(n.id), 'steps']);
-    } else if (n.type === 'FluxKontextImageScale') {
+    } else if (scaleNodes.includes(n.type)) {
       n.mode = bypass;
       done.push([String(n.id), 'bypass']);
     }
@@ -290,7 +291,7 @@ def test_the_page_gets_every_workflow_and_thumbnail_from_the_template_routes(chr
 
 def test_the_missing_model_check_sees_a_missing_file(chromium, server):
     """The control for the test below: on this frontend the notice check does see a file that is not there."""
-    wf = load(WORKFLOWS[0])
+    wf = load(next(p for p in WORKFLOWS if WM.loadable(load(p))))  # every other file it names is in place
     absent = "klv_no_such_model.safetensors"
     loader = the_one((n for n in wf["nodes"] if n["type"] == "LowVRAMModelLoader"), "model loader")
     loader["widgets_values"][0] = absent
@@ -302,7 +303,7 @@ def test_the_missing_model_check_sees_a_missing_file(chromium, server):
     assert any(absent in t for t in notices), f"the frontend said nothing of the missing {absent}: {notices}"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", WM.params(WORKFLOWS))
 def test_the_frontend_finds_every_model_file_the_workflow_names(chromium, server, path):
     """Every file is in place, so the frontend must not tell the person that one is missing."""
     with opened(chromium, server) as w:
@@ -313,7 +314,7 @@ def test_the_frontend_finds_every_model_file_the_workflow_names(chromium, server
                          f"{json.dumps(notices)}")
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", WM.params(WORKFLOWS, runs=True))
 def test_workflow_loads_converts_runs_and_shows_its_image_in_the_browser(chromium, server, object_info, path,
                                                                          tmp_path):
     name = path.stem
@@ -335,9 +336,12 @@ def test_workflow_loads_converts_runs_and_shows_its_image_in_the_browser(chromiu
             sorted((str(n["id"]), n["type"]) for n in wf["nodes"]), "the canvas does not hold the workflow's nodes"
 
         # 2. size it for a CPU by hand; the frontend's graph must then be what cpu_sized() writes
-        done = page.evaluate(JS_CPU_SIZE, {"steps": WM.CPU_STEPS, "bypass": WM.BYPASS})
-        assert sorted(done) == sorted([str(n["id"]), "steps" if n["type"] == "KSampler" else "bypass"]
-                                      for n in wf["nodes"] if n["type"] in ("KSampler", "FluxKontextImageScale"))
+        done = page.evaluate(JS_CPU_SIZE, {"steps": WM.CPU_STEPS, "bypass": WM.BYPASS,
+                                           "stepNodes": list(WM.STEP_NODES),
+                                           "scaleNodes": list(WM.SCALED_TO_A_MEGAPIXEL)})
+        assert sorted(done) == sorted([str(n["id"]), "steps" if n["type"] in WM.STEP_NODES else "bypass"]
+                                      for n in wf["nodes"]
+                                      if n["type"] in (*WM.STEP_NODES, *WM.SCALED_TO_A_MEGAPIXEL))
         saved = {str(n["id"]): n for n in page.evaluate("() => window.app.graph.serialize()")["nodes"]}
         for n in sized["nodes"]:
             got = saved[str(n["id"])]
