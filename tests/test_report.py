@@ -246,7 +246,7 @@ def test_the_any_type_matches_every_type_both_ways():
 
 FRONTEND_CHECK = r"""
 import { registered } from "./scripts/app.js";
-await import("./extensions/pack/report.js");
+await import("./extensions/pack/text_boxes.js");
 const ext = registered[0];
 const made = [];
 globalThis.document = { createElement: (tag) => { const el = { tag, style: {} }; made.push(el); return el; } };
@@ -260,6 +260,15 @@ Node.prototype.addDOMWidget = function (name, type, element, options) {
   return w;
 };
 ext.beforeRegisterNodeDef(Node, { name: "LowVRAMReport" });
+function Convert() {}
+Convert.prototype.addWidget = function (type, name, value, cb, options) {
+  const w = { type, name, value, options };
+  (this.widgets ??= []).push(w);
+  return w;
+};
+ext.beforeRegisterNodeDef(Convert, { name: "LowVRAMConvert" });
+const conv = new Convert();
+conv.onExecuted({ text: ["wrote x.gguf"] });
 const other = function () {};
 ext.beforeRegisterNodeDef(other, { name: "KSampler" });
 const node = new Node();
@@ -273,7 +282,8 @@ ext.nodeCreated(core);
 const w = node.widgets[0];
 console.log(JSON.stringify({ name: ext.name, widgets: node.widgets.length, value: w.value,
   readOnly: w.element.readOnly, serialize: w.serialize, optionSerialize: w.options.serialize,
-  chained: calls.length, coreWidgets: (core.widgets ?? []).length, otherPatched: "onExecuted" in other.prototype }));
+  chained: calls.length, coreWidgets: (core.widgets ?? []).length, otherPatched: "onExecuted" in other.prototype,
+  convert: [conv.widgets[0].name, conv.widgets[0].value, conv.widgets[0].serialize] }));
 """
 
 
@@ -286,11 +296,11 @@ def test_frontend_extension_shows_the_text_read_only(tmp_path):
     (tmp_path / "scripts" / "app.js").write_text(
         "export const registered = [];\nexport const app = { registerExtension: (e) => registered.push(e) };\n")
     (tmp_path / "extensions" / "pack").mkdir(parents=True)
-    shutil.copy(REPO / WEB_DIRECTORY / "report.js", tmp_path / "extensions" / "pack" / "report.js")
+    shutil.copy(REPO / WEB_DIRECTORY / "text_boxes.js", tmp_path / "extensions" / "pack" / "text_boxes.js")
     (tmp_path / "check.js").write_text(FRONTEND_CHECK)
     out = subprocess.run(["node", "check.js"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"name": "KontextLowVRAM.Report", "widgets": 1, "value": "second run", "readOnly": True,
+    assert got == {"name": "KontextLowVRAM.TextBoxes", "widgets": 1, "value": "second run", "readOnly": True,
                    "serialize": False, "optionSerialize": False, "chained": 2, "coreWidgets": 0,
-                   "otherPatched": False}
+                   "otherPatched": False, "convert": ["conversion", "wrote x.gguf", False]}

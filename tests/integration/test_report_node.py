@@ -156,7 +156,7 @@ def test_report_node_and_frontend_are_registered(server):
     assert info["display_name"] == "VRAM Report (per phase) · Kontext LowVRAM"
     assert info["category"] == "Kontext LowVRAM/utils" and info["output"] == ["*"] and info["output_node"]
     assert info["input"]["required"]["value"][0] == "*" and info["input"]["required"]["value"][1]["tooltip"]
-    script = f"/extensions/{H.PACK_DIR_NAME}/report.js"
+    script = f"/extensions/{H.PACK_DIR_NAME}/text_boxes.js"
     assert script in server.get_json("/extensions")
     with urllib.request.urlopen(server.url + script, timeout=30) as r:
         assert b"LowVRAMReport" in r.read()
