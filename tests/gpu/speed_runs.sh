@@ -10,6 +10,7 @@
 #   COMFYUI_PATH=<v0.3.64> GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh ratios   # the same on v0.3.64
 #   COMFYUI_PATH=... GGUF_NODE_PATH=... bash tests/gpu/speed_runs.sh small    # an 8 GiB card (ballast), v0.29
 #   bash tests/gpu/speed_runs.sh compile   # torch.compile of every Triton path (kernel_check.py --quick)
+#   COMFYUI_PATH=<v0.29> bash tests/gpu/speed_runs.sh flux2   # FLUX.2 [klein] 4B / 9B and [dev]: core bf16 vs ours
 #
 # All of it is more than one session's 30 minutes of device time: run ratios, kernels, lora, fusedlora first (they
 # decide which opt-in kernels become defaults), then v0.3.64 ratios, small, others, compile.
@@ -19,7 +20,7 @@
 # per-row fp8 activation scales (KLV_FP8_ROWWISE). `python tests/gpu/kernel_check.py --cpu-smoke` rehearses the
 # kernels part on a CPU; tests/integration/test_bench_smoke.py the bench flow.
 set -euo pipefail
-part=${1:?"usage: speed_runs.sh kernels|ratios|lora|fusedlora|others|small|compile"}
+part=${1:?"usage: speed_runs.sh kernels|ratios|lora|fusedlora|others|small|compile|flux2"}
 out=${OUT:-.}
 bench() { python3 tools/bench.py "$@" --profile --out "$out/bench-$part.md"; }
 
@@ -42,5 +43,10 @@ case "$part" in
       --include core ;;
   compile)  # ~4 min: Inductor compiles of the dequant, fused matmul, LoRA merge and fp8 linear paths, on two shapes
     python3 tests/gpu/kernel_check.py --quick | tee "$out/compile.md" ;;
+  flux2)    # ~9 min (estimate; FLUX.2 never ran on a GPU here): full-size random FLUX.2, 1024^2 + one reference
+            # (8704 tokens); [dev] bf16 is 64 GB, so core's row needs an 80 GB+ card (H100/H200)
+    bench --model flux2-klein-4b --steps 3 --formats Q8_0 Q4_K fp8_e4m3fn_scaled --gguf-formats --lora --include core
+    bench --model flux2-klein-9b --steps 3 --formats Q8_0 Q4_K --gguf-formats --lora --include core
+    bench --model flux2-dev --steps 2 --formats Q8_0 Q4_K --gguf-formats --lora --include core ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -36,3 +36,25 @@ def test_bench_smoke_runs_every_row_kind(comfy_root, tmp_path):
         diff = re.match(r"(\d\.\d+) vs", cells[7])
         if diff and "fp8" not in cells[1] and "nf4" not in cells[1]:
             assert float(diff.group(1)) < 0.02, r  # Q8_0 rows: same weights as core bf16, one quantization off
+
+
+def test_bench_smoke_runs_flux2(comfy_root, tmp_path):
+    """The FLUX.2 rows of speed_runs.sh's flux2 part, on a small FLUX.2 [dev] and [klein]; v0.3.64 has no FLUX.2."""
+    import pytest
+
+    import comfy_harness as H
+    if not H.host_has(comfy_root, "comfy/model_detection.py", "double_stream_modulation_img"):
+        pytest.skip(H.predates_reason(comfy_root))
+    for model in ("flux2-klein-4b", "flux2-dev"):
+        cmd = [sys.executable, "-m", "kontext_lowvram.cli", "bench", "--smoke", "--steps", "1", "--model", model,
+               "--comfyui", str(comfy_root), "--formats", "Q8_0", "Q4_K", "fp8_e4m3fn_scaled", "--lora",
+               "--gguf-formats", "--include", "core", "--out", ""]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=str(tmp_path))
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "FAILED" not in proc.stdout, log[-4000:]
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "s/step" not in line]
+        labels = [" | ".join(c.strip() for c in r.strip("|").split("|")[:2]) for r in rows]
+        assert labels == ["core | bf16", "ours | Q8_0", "ours | Q4_K", "ours | fp8_e4m3fn_scaled"], (model, labels)
+        for r in rows:
+            assert re.fullmatch(r"\d+\.\d+", [c.strip() for c in r.strip("|").split("|")][2]), r
+        assert f"model {model} (smoke size)" in proc.stdout
