@@ -54,7 +54,8 @@ def test_bench_smoke_runs_flux2(comfy_root, tmp_path):
         assert proc.returncode == 0 and "FAILED" not in proc.stdout, log[-4000:]
         rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "s/step" not in line]
         labels = [" | ".join(c.strip() for c in r.strip("|").split("|")[:2]) for r in rows]
-        assert labels == ["core | bf16", "ours | Q8_0", "ours | Q4_K", "ours | fp8_e4m3fn_scaled"], (model, labels)
+        assert labels == ["core | bf16", "core | fp8 native (comfy_quant)", "ours | Q8_0", "ours | Q4_K",
+                          "ours | fp8_e4m3fn_scaled"], (model, labels)
         for r in rows:
             assert re.fullmatch(r"\d+\.\d+", [c.strip() for c in r.strip("|").split("|")][2]), r
         assert f"model {model} (smoke size)" in proc.stdout
