@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .flux_layout import TRANSFORMER_PREFIXES, _canonical_key, _count_blocks, _shape_of, strip_transformer_prefix
+from .flux_layout import (TRANSFORMER_PREFIXES, DiTConfigChecks, _canonical_key, _count_blocks, _shape_of,
+                          strip_transformer_prefix)
 
 __all__ = [
     "Flux2Config",
@@ -43,7 +44,7 @@ SHARED_MODULATIONS = ("double_stream_modulation_img.", "double_stream_modulation
 
 
 @dataclass(frozen=True)
-class Flux2Config:
+class Flux2Config(DiTConfigChecks):
     """Shape-relevant hyper-parameters of a FLUX.2 transformer. ``in_channels`` / ``out_channels`` are the packed
     latent widths (patch size 1): 128 for every published FLUX.2."""
 
@@ -57,34 +58,8 @@ class Flux2Config:
     guidance_embed: bool = True
     out_channels: int = 128
 
-    def __post_init__(self):
-        if self.hidden_size <= 0 or self.num_heads <= 0:
-            raise ValueError(f"hidden_size and num_heads must be positive, got {self.hidden_size}, {self.num_heads}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.depth < 0 or self.depth_single_blocks < 0:
-            raise ValueError("depth and depth_single_blocks must be >= 0")
-        if self.mlp_hidden_dim <= 0 or self.in_channels <= 0 or self.out_channels <= 0 or self.context_in_dim <= 0:
-            raise ValueError("mlp_ratio, in/out channels and context_in_dim must be positive")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        """The SwiGLU's inner width (its input projection is twice this: gate and value)."""
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def num_params(self) -> int:
-        n = 0
-        for shape in flux2_tensor_shapes(self).values():
-            k = 1
-            for d in shape:
-                k *= d
-            n += k
-        return n
+    def tensor_shapes(self) -> dict[str, tuple]:
+        return flux2_tensor_shapes(self)
 
 
 # The published models. context_in_dim is the text encoder's width x 3 (ComfyUI v0.29 stacks three of its hidden

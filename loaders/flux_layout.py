@@ -37,8 +37,42 @@ __all__ = [
 # Transformer
 # --------------------------------------------------------------------------------------------
 
+class DiTConfigChecks:
+    """What FLUX.1's and FLUX.2's configs share: the checks, the derived widths and the parameter count (from the
+    config's own `tensor_shapes()`)."""
+
+    def __post_init__(self):
+        if self.hidden_size <= 0 or self.num_heads <= 0:
+            raise ValueError(f"hidden_size and num_heads must be positive, got {self.hidden_size}, {self.num_heads}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.depth < 0 or self.depth_single_blocks < 0:
+            raise ValueError("depth and depth_single_blocks must be >= 0")
+        if self.mlp_hidden_dim <= 0 or self.in_channels <= 0 or self.out_channels <= 0 or self.context_in_dim <= 0:
+            raise ValueError("mlp_ratio, in/out channels and context_in_dim must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """The MLP's inner width (FLUX.2's SwiGLU input projection is twice this: gate and value)."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_params(self) -> int:
+        n = 0
+        for shape in self.tensor_shapes().values():
+            k = 1
+            for d in shape:
+                k *= d
+            n += k
+        return n
+
+
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(DiTConfigChecks):
     """Shape-relevant hyper-parameters of a FLUX.1 transformer.
 
     ``in_channels`` / ``out_channels`` are the *packed* widths (latent channels x 2 x 2 patch):
@@ -56,31 +90,8 @@ class FluxConfig:
     guidance_embed: bool = True
     out_channels: int = 64
 
-    def __post_init__(self):
-        if self.hidden_size <= 0 or self.num_heads <= 0:
-            raise ValueError(f"hidden_size and num_heads must be positive, got {self.hidden_size}, {self.num_heads}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.depth < 0 or self.depth_single_blocks < 0:
-            raise ValueError("depth and depth_single_blocks must be >= 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def num_params(self) -> int:
-        n = 0
-        for shape in flux_tensor_shapes(self).values():
-            k = 1
-            for d in shape:
-                k *= d
-            n += k
-        return n
+    def tensor_shapes(self) -> dict[str, tuple]:
+        return flux_tensor_shapes(self)
 
 
 FLUX_DEV = FluxConfig()
