@@ -72,14 +72,29 @@ def encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb):
 
 def _encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb, rec):
     clip_l, t5xxl = well_formed_prompt(clip_l, "clip_l"), well_formed_prompt(t5xxl, "t5xxl")
-    identity = getattr(clip, "klv_cache_identity", None)
+
+    def encoded():  # stored without the guidance: changing it does not re-encode
+        tokens = clip.tokenize(clip_l)
+        tokens["t5xxl"] = clip.tokenize(t5xxl)["t5xxl"]
+        cond = clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance})
+        return [[c, {k: v for k, v in d.items() if k != "guidance"}] for c, d in cond]
+    cond = cached_conditioning(
+        rec, cache, cache_max_mb, getattr(clip, "klv_cache_identity", None) is not None,
+        lambda: make_key(clip.klv_cache_identity, {"clip_l": clip_l, "t5xxl": t5xxl}, encoder_settings()),
+        encoded, "text encoders", "this CLIP is not straight from the lazy loader")
+    return _with_guidance(cond, guidance)
+
+
+def cached_conditioning(rec, cache, cache_max_mb, cacheable, key_of, encoded, encoders, why_not):
+    """The conditioning from the cache when `cache` is on, `cacheable` and the entry of `key_of()` is there; else
+    `encoded()`, then stored. Each outcome is a note on the report phase `rec` and a log line."""
     store = key = None
-    if cache and identity is not None:
+    if cache and cacheable:
         # CondCache handles file-system trouble itself; this guard is the promise that the cache, an
         # optimization, never fails a prompt whatever else goes wrong in it
         try:
             store = CondCache(cache_directory(), int(cache_max_mb) * 2 ** 20)
-            key = make_key(identity, {"clip_l": clip_l, "t5xxl": t5xxl}, encoder_settings())
+            key = key_of()
             hit = store.get(key)
         except Exception as e:
             _cache_failed("lookup", e)
@@ -87,22 +102,20 @@ def _encode(clip, clip_l, t5xxl, guidance, cache, cache_max_mb, rec):
             rec.note("conditioning cache unusable: encoded")
         if hit is not None:
             log.info("Kontext LowVRAM conditioning cache: hit %s", key[:16])
-            rec.note("conditioning cache hit: the text encoders were not run")
-            return _with_guidance(hit, guidance)
+            rec.note(f"conditioning cache hit: the {encoders} were not run")
+            return hit
         if store is not None:
             log.info("Kontext LowVRAM conditioning cache: miss %s", key[:16])
             rec.note("conditioning cache miss: encoded")
     elif cache:
-        log.info("Kontext LowVRAM conditioning cache: not used (this CLIP is not straight from the lazy loader)")
+        log.info("Kontext LowVRAM conditioning cache: not used (%s)", why_not)
         rec.note("encoded (this CLIP is not cacheable)")
     else:
         rec.note("encoded (cache off)")
-    tokens = clip.tokenize(clip_l)
-    tokens["t5xxl"] = clip.tokenize(t5xxl)["t5xxl"]
-    cond = clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance})
+    cond = encoded()
     if store is not None:
         try:
-            store.put(key, [[c, {k: v for k, v in d.items() if k != "guidance"}] for c, d in cond])
+            store.put(key, cond)
         except Exception as e:
             _cache_failed("store", e)
     return cond

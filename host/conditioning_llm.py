@@ -9,9 +9,9 @@ untouched: they never share a key with these (different encoder settings).
 """
 import logging
 
-from ..optimizations.cond_cache import CondCache, make_key
+from ..optimizations.cond_cache import make_key
 from . import report
-from .conditioning import _cache_failed, cache_directory, encoder_settings, well_formed_prompt
+from .conditioning import cached_conditioning, encoder_settings, well_formed_prompt
 
 log = logging.getLogger("kontext_lowvram")
 
@@ -35,35 +35,9 @@ def encode(clip, text, cache, cache_max_mb):
 
 def _encode(clip, text, cache, cache_max_mb, rec):
     text = well_formed_prompt(text, "text")
-    identity = getattr(clip, "klv_cache_identity", None)
-    cacheable = identity is not None and getattr(clip, "klv_kind", None) == "flux2_llm"
-    store = key = None
-    if cache and cacheable:
-        try:
-            store = CondCache(cache_directory(), int(cache_max_mb) * 2 ** 20)
-            key = make_key(identity, {"text": text}, llm_encoder_settings(clip.klv_paths))
-            hit = store.get(key)
-        except Exception as e:
-            _cache_failed("lookup", e)
-            store = hit = None
-            rec.note("conditioning cache unusable: encoded")
-        if hit is not None:
-            log.info("Kontext LowVRAM conditioning cache: hit %s", key[:16])
-            rec.note("conditioning cache hit: the text encoder was not run")
-            return hit
-        if store is not None:
-            log.info("Kontext LowVRAM conditioning cache: miss %s", key[:16])
-            rec.note("conditioning cache miss: encoded")
-    elif cache:
-        log.info("Kontext LowVRAM conditioning cache: not used (this CLIP is not straight from the FLUX.2 lazy loader)")
-        rec.note("encoded (this CLIP is not cacheable)")
-    else:
-        rec.note("encoded (cache off)")
-    tokens = clip.tokenize(text)
-    cond = clip.encode_from_tokens_scheduled(tokens)
-    if store is not None:
-        try:
-            store.put(key, cond)
-        except Exception as e:
-            _cache_failed("store", e)
-    return cond
+    cacheable = getattr(clip, "klv_cache_identity", None) is not None and getattr(clip, "klv_kind", None) == "flux2_llm"
+    return cached_conditioning(
+        rec, cache, cache_max_mb, cacheable,
+        lambda: make_key(clip.klv_cache_identity, {"text": text}, llm_encoder_settings(clip.klv_paths)),
+        lambda: clip.encode_from_tokens_scheduled(clip.tokenize(text)), "text encoder",
+        "this CLIP is not straight from the FLUX.2 lazy loader")
