@@ -48,6 +48,19 @@ class LowVRAMTextEncoderLoader:
         return (lazy_clip.load(clip_l_name, t5xxl_name, device),)
 
 
+def cache_inputs(prompt_size: str) -> dict:
+    """The cached encodes' two optional inputs (FLUX.1's and FLUX.2's); `prompt_size` says what one entry takes."""
+    where = conditioning.cache_location_text()
+    return {
+        "cache": ("BOOLEAN", {"default": True, "tooltip":
+                  f"Read and write the on-disk conditioning cache in {where} . To clear it, delete that folder "
+                  "(safe at any time, also while ComfyUI runs); off = always encode, store nothing."}),
+        "cache_max_mb": ("INT", {"default": DEFAULT_CACHE_MB, "min": 1, "max": 1 << 20, "step": 64, "advanced": True,
+                                 "tooltip": f"Size cap of {where} in MiB; the least recently used prompts are deleted "
+                                            f"beyond it. {prompt_size}"}),
+    }
+
+
 class LowVRAMTextEncode:
     DISPLAY_NAME = "Text Encode FLUX (cached) · Kontext LowVRAM"
     SEARCH_ALIASES = ["clip text encode flux", "cached"]
@@ -63,7 +76,6 @@ class LowVRAMTextEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        where = conditioning.cache_location_text()
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": "Text encoders, best from 'Load Text Encoders (lazy)': only those can be "
@@ -77,15 +89,7 @@ class LowVRAMTextEncode:
                                        "tooltip": "FLUX distilled guidance; 2.5 is usual for Kontext edits, 3.5 for "
                                                   "text-to-image. Changing it does not re-encode."}),
             },
-            "optional": {
-                "cache": ("BOOLEAN", {"default": True, "tooltip":
-                          f"Read and write the on-disk conditioning cache in {where} . To clear it, delete that folder "
-                          "(safe at any time, also while ComfyUI runs); off = always encode, store nothing."}),
-                "cache_max_mb": ("INT", {"default": DEFAULT_CACHE_MB, "min": 1, "max": 1 << 20, "step": 64,
-                                         "advanced": True, "tooltip":
-                                 f"Size cap of {where} in MiB; the least recently used prompts are deleted beyond it. "
-                                 "One FLUX prompt takes ~4-8 MB."}),
-            },
+            "optional": cache_inputs("One FLUX prompt takes ~4-8 MB."),
         }
 
     def encode(self, clip, clip_l, t5xxl, guidance, cache=True, cache_max_mb=DEFAULT_CACHE_MB):

@@ -5,7 +5,7 @@ The loader returns a lazy CLIP (host/clip_llm.py) that reads its weights on firs
 CLIPTextEncode with the conditioning cache in front (host/conditioning_llm.py): a cached prompt never loads the file.
 """
 from ..host import clip_llm, conditioning, conditioning_llm, files
-from .text_encoder import DEFAULT_CACHE_MB, DEVICE_POLICIES
+from .text_encoder import DEFAULT_CACHE_MB, DEVICE_POLICIES, cache_inputs
 
 DEVICE_TOOLTIP = ("Where the text encoder runs. gpu_then_release: encode on the GPU, then give its VRAM back before "
                   "sampling. cpu: encode on the CPU, never touching VRAM (slow: a 4-24 B LLM). auto: "
@@ -62,7 +62,6 @@ class LowVRAMTextEncodeFlux2:
 
     @classmethod
     def INPUT_TYPES(cls):
-        where = conditioning.cache_location_text()
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": "The text encoder, best from 'Load FLUX.2 Text Encoder (lazy)': only "
@@ -71,16 +70,8 @@ class LowVRAMTextEncodeFlux2:
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "tooltip": "The prompt: the edit instruction or the image description."}),
             },
-            "optional": {
-                "cache": ("BOOLEAN", {"default": True, "tooltip":
-                          f"Read and write the on-disk conditioning cache in {where} . To clear it, delete that folder "
-                          "(safe at any time, also while ComfyUI runs); off = always encode, store nothing."}),
-                "cache_max_mb": ("INT", {"default": DEFAULT_CACHE_MB, "min": 1, "max": 1 << 20, "step": 64,
-                                         "advanced": True, "tooltip":
-                                 f"Size cap of {where} in MiB; the least recently used prompts are deleted beyond it. "
-                                 "One FLUX.2 prompt takes ~8-32 MB ([klein] 512 tokens x 7680 / 12288, [dev] "
-                                 "x 15360 values)."}),
-            },
+            "optional": cache_inputs("One FLUX.2 prompt takes ~8-32 MB ([klein] 512 tokens x 7680 / 12288, "
+                                     "[dev] x 15360 values)."),
         }
 
     def encode(self, clip, text, cache=True, cache_max_mb=DEFAULT_CACHE_MB):
