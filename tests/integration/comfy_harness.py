@@ -108,7 +108,8 @@ def predates_reason(root: Path | None, what: str = "FLUX.2") -> str:
 
 
 MISTRAL_TOKENIZER_REASON = ("core's FLUX.2 Mistral tokenizer cannot be built with this transformers (ComfyUI v0.29 "
-                            "calls MistralConverter(vocab=...), transformers 5.x takes MistralConverter(vocab_file))")
+                            "calls MistralConverter(vocab=...), transformers >= 5.15 takes MistralConverter(vocab_file); "
+                            "4.50.3-5.14.1 work)")
 
 
 def mistral_tokenizer_works() -> bool:
