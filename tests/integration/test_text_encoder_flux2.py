@@ -26,7 +26,6 @@ import re
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors import safe_open
@@ -326,6 +325,7 @@ def host_qwen3_4b_config():
 class PeakRss:
     """Peak resident memory of a process while the block runs (sampled every 0.1 s)."""
     def __init__(self, pid):
+        import psutil  # ComfyUI's venvs have it; the pack's test venv need not
         self.proc = psutil.Process(pid)
 
     def __enter__(self):
@@ -354,6 +354,7 @@ def free_and_settle(server):
 
 @pytest.fixture(scope="module")
 def full_qwen(server):
+    import psutil
     avail = psutil.virtual_memory().available
     if avail < FULL_RAM:
         pytest.skip(f"full-size Qwen3-4B needs ~16 GiB of available RAM, {avail / 2 ** 30:.1f} GiB available")
