@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import workflow_flux2  # noqa: E402
-from workflow_graph import Graph, decode_group, dumps  # noqa: E402
+from workflow_graph import Graph, decode_group, dumps, model_nodes  # noqa: E402
 
 from kontext_lowvram.optimizations import memory_model as mm  # noqa: E402
 from kontext_lowvram.optimizations import planner  # noqa: E402
@@ -113,11 +113,7 @@ def build(spec: Spec) -> dict:
     y_ref = 380 + 40 * spec.references
     g.add("MarkdownNote", (-520, -40), (460, 900), title="Read me: " + spec.title, text=note_text(spec, p))
 
-    loader = g.add("LowVRAMModelLoader", (0, 0), (360, 190), properties={"models": models_entry(model_file)},
-                   model_name=model_file, compute_dtype="default", convert_on_load="none", fp8_matmul=True,
-                   torch_compile=False)
-    attention = g.add("LowVRAMAttention", (0, 240), (360, 110), backend=p.attention, split_chunk_mb=1024)
-    g.link(loader, 0, attention, "model")
+    loader, attention = model_nodes(g, model_file, models_entry(model_file), p.attention)
     model_out, loaders = attention, [loader, attention]
     if spec.turbo:
         lora = g.add("LowVRAMLoraLoader", (0, 390), (360, 110), properties={"models": models_entry(TURBO_LORA)},

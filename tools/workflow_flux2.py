@@ -7,7 +7,7 @@ indexes its references natively) and the sampler's latent_image, whose content a
 gives the size, as EmptyFlux2LatentImage + GetImageSize do in the templates). Flux2Scheduler gets 1024x1024: its
 shift depends on the pixel count only, which the scale holds at one megapixel.
 """
-from workflow_graph import Graph, decode_group
+from workflow_graph import Graph, decode_group, model_nodes
 
 from kontext_lowvram.optimizations import memory_model as mm
 
@@ -72,11 +72,7 @@ def build(spec, p, input_image: str) -> dict:
     g = Graph(spec.name)
     g.add("MarkdownNote", (-520, -40), (460, 900), title="Read me: " + spec.title, text=note_text(spec, p))
 
-    loader = g.add("LowVRAMModelLoader", (0, 0), (360, 190), properties={"models": models_entry(model_file)},
-                   model_name=model_file, compute_dtype="default", convert_on_load="none", fp8_matmul=True,
-                   torch_compile=False)
-    attention = g.add("LowVRAMAttention", (0, 240), (360, 110), backend=p.attention, split_chunk_mb=1024)
-    g.link(loader, 0, attention, "model")
+    loader, attention = model_nodes(g, model_file, models_entry(model_file), p.attention)
     te_loader = g.add("LowVRAMLLMTextEncoderLoader", (0, 390), (360, 110),
                       properties={"models": models_entry(te_file)}, text_encoder_name=te_file,
                       device=p.text_encoder_device)

@@ -162,6 +162,16 @@ class Graph:
         return d
 
 
+def model_nodes(g: Graph, model_file: str, models: list, attention_backend: str) -> tuple:
+    """Step 1's first two nodes in every bundled workflow: our model loader (with its download entries) and the
+    attention backend it feeds. Returns (loader, attention)."""
+    loader = g.add("LowVRAMModelLoader", (0, 0), (360, 190), properties={"models": models}, model_name=model_file,
+                   compute_dtype="default", convert_on_load="none", fp8_matmul=True, torch_compile=False)
+    attention = g.add("LowVRAMAttention", (0, 240), (360, 110), backend=attention_backend, split_chunk_mb=1024)
+    g.link(loader, 0, attention, "model")
+    return loader, attention
+
+
 def decode_group(g: Graph, x: int, samples: Node, vae: Node, vram_budget_mb: int, name: str) -> None:
     """Step 5 of every bundled workflow: the tiled decode, the VRAM report it passes through, the saved image."""
     decode = g.add("LowVRAMTiledVAEDecode", (x, 0), (340, 110), tile_size=0, vram_budget_mb=vram_budget_mb)

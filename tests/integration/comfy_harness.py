@@ -102,6 +102,11 @@ def host_has(root: Path | None, relpath: str, marker: str) -> bool:
     return root is not None and marker in (root / relpath).read_text(encoding="utf-8", errors="replace")
 
 
+def runs_flux2(root: Path | None) -> bool:
+    """Whether the host detects FLUX.2 diffusion models (v0.29 does, v0.3.64 predates them)."""
+    return host_has(root, "comfy/model_detection.py", "double_stream_modulation_img")
+
+
 def predates_reason(root: Path | None, what: str = "FLUX.2") -> str:
     """The skip reason for a test that needs `what`: no host configured at all, or a host too old for it."""
     return SKIP_REASON if root is None else f"ComfyUI v{comfy_version(root)} predates {what}"

@@ -43,7 +43,7 @@ def test_bench_smoke_runs_flux2(comfy_root, tmp_path):
     import pytest
 
     import comfy_harness as H
-    if not H.host_has(comfy_root, "comfy/model_detection.py", "double_stream_modulation_img"):
+    if not H.runs_flux2(comfy_root):
         pytest.skip(H.predates_reason(comfy_root))
     for model in ("flux2-klein-4b", "flux2-dev"):
         cmd = [sys.executable, "-m", "kontext_lowvram.cli", "bench", "--smoke", "--steps", "1", "--model", model,

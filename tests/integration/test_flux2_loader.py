@@ -36,7 +36,7 @@ from kontext_lowvram.optimizations import QTensor, dequantize
 
 ROOT = H.comfy_root_from_env()
 VERSION = H.comfy_version(ROOT) if ROOT else "?"
-HOST_RUNS_FLUX2 = H.host_has(ROOT, "comfy/model_detection.py", "double_stream_modulation_img")
+HOST_RUNS_FLUX2 = H.runs_flux2(ROOT)
 needs_flux2 = pytest.mark.skipif(not HOST_RUNS_FLUX2, reason=H.predates_reason(ROOT))
 MODELS = {"dev": TINY_FLUX2_DEV, "klein": TINY_FLUX2_KLEIN}
 

@@ -55,7 +55,7 @@ FLUX2_FILES = {"flux2-dev": (TINY_FLUX2_DEV, "mistral3_24b"), "flux2_dev": (TINY
                "flux-2-klein-4b": (TINY_FLUX2_KLEIN, "qwen3_4b"), "flux-2-klein-9b": (TINY_FLUX2_KLEIN, "qwen3_8b")}
 
 
-HOST_RUNS_FLUX2 = H.host_has(H.comfy_root_from_env(), "comfy/model_detection.py", "double_stream_modulation_img")
+HOST_RUNS_FLUX2 = H.runs_flux2(H.comfy_root_from_env())
 STEP_NODES = {"KSampler": 2, "Flux2Scheduler": 0}  # node type -> index of its steps widget
 
 
