@@ -19,7 +19,6 @@ The cache test proves the weights are not read on a hit by replacing the file wi
 and modification time (its cache identity), then encoding the cached prompt. ComfyUI v0.3.64 predates FLUX.2: the
 tests skip there.
 """
-import base64
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import comfy_harness as H
-from fixtures.llm_text_encoders import (REDUCED_QWEN3_4B, random_llm_state_dict, write_llamacpp_llm,
+from fixtures.llm_text_encoders import (REDUCED_QWEN3_4B, tiny_tekken, random_llm_state_dict, write_llamacpp_llm,
                                         write_llm_safetensors_streaming)
 from kontext_lowvram.loaders.text_encoders_llm import HEAD_DIM, LLM_CONFIGS, TEKKEN, is_llm_linear_weight
 from kontext_lowvram.loaders.writers import write_safetensors
@@ -123,20 +122,6 @@ class KLVTestClipProbe:
 NODE_CLASS_MAPPINGS = {"KLVTestCoreFlux2TextEncoder": KLVTestCoreFlux2TextEncoder,
                        "KLVTestSaveConditioning2": KLVTestSaveConditioning2, "KLVTestClipProbe": KLVTestClipProbe}
 '''
-
-
-def tiny_tekken() -> torch.Tensor:
-    """A tekken.json (Mistral's tokenizer format) of 16 special tokens + the 256 single bytes, as a uint8 tensor the
-    way ComfyUI keeps it in the file ('tekken_model')."""
-    names = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-    names += [f"<SPECIAL_{i}>" for i in range(len(names), 16)]
-    tek = {"config": {"pattern": r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-                      "num_vocab_tokens": 272, "default_vocab_size": 272, "default_num_special_tokens": 16,
-                      "version": "v7"},
-           "vocab": [{"rank": i, "token_bytes": base64.b64encode(bytes([i])).decode(), "token_str": None}
-                     for i in range(256)],
-           "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(names)]}
-    return torch.frombuffer(bytearray(json.dumps(tek).encode()), dtype=torch.uint8)
 
 
 @pytest.fixture(scope="module")

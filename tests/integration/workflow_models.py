@@ -29,7 +29,7 @@ import comfy_harness as H
 from fixtures.flux2 import TINY_FLUX2_DEV, TINY_FLUX2_KLEIN, random_flux2_state_dict
 from fixtures.flux2_vae import random_flux2_vae_state_dict
 from fixtures.gguf_blocks import random_blocks
-from fixtures.llm_text_encoders import random_llm_state_dict, write_llamacpp_llm
+from fixtures.llm_text_encoders import random_llm_state_dict, tiny_tekken, write_llamacpp_llm
 from fixtures.text_encoders import random_state_dict
 from kontext_lowvram.loaders.keys import should_quantize
 from kontext_lowvram.loaders.text_encoders import clip_l_tensor_shapes, is_linear_weight, t5_tensor_shapes
@@ -147,8 +147,7 @@ def llm_text_encoder(path: Path, seed: int = 3) -> None:
         return
     fp8 = {k: quantize(v.float(), "fp8_e4m3fn") if is_llm_linear_weight(k) else v for k, v in sd.items()}
     if model_type == "mistral3_24b":
-        from test_text_encoder_flux2 import tiny_tekken  # the byte-level tekken vocabulary core's tokenizer reads
-        fp8[TEKKEN] = tiny_tekken()
+        fp8[TEKKEN] = tiny_tekken()  # the byte-level tekken vocabulary core's tokenizer reads
     write_safetensors(path, fp8, fp8_style="scaled")
 
 
