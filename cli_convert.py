@@ -17,14 +17,15 @@ def _types_epilog():
     from .loaders.convert_mix import TARGETS
     rows = [f"  {t.name:<18} {t.what}" for t in TARGETS.values()]
     return ("types (GGUF unless noted; FLUX and T5-XXL take every type but nf4 is FLUX only):\n" + "\n".join(rows) +
-            "\n\nIN: a FLUX.1 transformer (BFL single file, optionally model.diffusion_model.-prefixed; a diffusers "
-            "folder or its\n*.safetensors.index.json; an unquantized GGUF) or a T5 encoder (bf16/fp16/fp32/fp8 "
-            "safetensors). OUT may be a folder:\nthe file is then named <model>-<TYPE>.gguf / .safetensors.")
+            "\n\nIN: a FLUX.1 or FLUX.2 ([dev], [klein]) transformer (BFL single file, optionally "
+            "model.diffusion_model.-prefixed;\na diffusers folder or its *.safetensors.index.json; an unquantized "
+            "GGUF) or a T5 encoder (bf16/fp16/fp32/fp8\nsafetensors). OUT may be a folder: the file is then named "
+            "<model>-<TYPE>.gguf / .safetensors.")
 
 
 def add_convert_parser(sub):
-    c = sub.add_parser("convert", help="convert a FLUX.1 transformer or T5 encoder to GGUF (Q8_0 ... Q2_K), "
-                                       "ComfyUI scaled fp8 or NF4, tensor by tensor",
+    c = sub.add_parser("convert", help="convert a FLUX.1 / FLUX.2 transformer or T5 encoder to GGUF (Q8_0 ... "
+                                       "Q2_K), ComfyUI scaled fp8 or NF4, tensor by tensor",
                        description="Convert a model file tensor by tensor (peak RAM a few times the largest tensor), "
                                    "verify the result against the source and write a .sha256 next to it.",
                        epilog=_types_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""The converter: a FLUX.1 transformer or T5 encoder -> GGUF (Q8_0 ... Q2_K, legacy quants, BF16/F16), ComfyUI
+"""The converter: a FLUX.1 / FLUX.2 transformer or T5 encoder -> GGUF (Q8_0 ... Q2_K, legacy quants, BF16/F16), ComfyUI
 comfy_quant scaled fp8 or bitsandbytes NF4, one tensor at a time.
 
 Streaming: the GGUF header (every tensor's name, shape, type and offset) is written first from the shapes and the
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .convert_mix import TARGETS, T5_TYPES, Target, flux_tensor_type, t5_tensor_type, target as parse_target
-from .convert_source import Source, SourceTensor, open_source, tensor_bytes
+from .convert_source import FLUX_KINDS, Source, SourceTensor, open_source, tensor_bytes
 from .errors import ModelFileError, printable
 
 PARTIAL = ".partial"
@@ -100,8 +100,13 @@ class Report:
 
     def kind_words(self) -> str:
         c = self.config
-        if self.kind == "flux":
-            return (f"FLUX.1 transformer, {c.num_params / 1e9:.2f} B params, hidden {c.hidden_size}, "
+        if self.kind in FLUX_KINDS:
+            if self.kind == "flux2":
+                from .flux2_layout import flux2_variant
+                name = f"FLUX.2 {flux2_variant(c)}"
+            else:
+                name = "FLUX.1"
+            return (f"{name} transformer, {c.num_params / 1e9:.2f} B params, hidden {c.hidden_size}, "
                     f"{c.depth} double + {c.depth_single_blocks} single blocks")
         return f"T5 encoder, d_model {c['d_model']}, {c['num_layers']} layers"
 
@@ -146,7 +151,7 @@ def plan(source: Source, t: Target) -> list:
         n_layers = source.config["num_layers"]
         to_llamacpp = llamacpp_t5_names(n_layers)
     for st in source.tensors:
-        if source.kind == "flux":
+        if source.kind in FLUX_KINDS:  # FLUX.1 and FLUX.2: one table (convert_mix)
             name = st.name
             out_type, rule = flux_tensor_type(name, st.shape, t)
         else:
@@ -287,9 +292,15 @@ class _Progress:
             self.callback(self.done, self.total, self.bytes, self.phase)
 
 
+def gguf_arch(kind) -> str:
+    """general.architecture: "flux" for FLUX.1 and FLUX.2 alike (city96's convert.py: its ModelFlux matches both, and
+    ComfyUI-GGUF / ComfyUI tell them apart by the tensor names), "t5encoder" for T5."""
+    return "flux" if kind in FLUX_KINDS else "t5encoder"
+
+
 def _write_gguf(tmp, source, items, t: Target, progress):
     import gguf
-    arch = "flux" if source.kind == "flux" else "t5encoder"
+    arch = gguf_arch(source.kind)
     w = gguf.GGUFWriter(tmp, arch=arch)
     try:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -391,7 +402,7 @@ def _verify_gguf(tmp, source, items, t, report, progress):
     f = _GGUFFile(tmp)  # through the pack's bounded header validation, then gguf-py's GGUFReader
     try:
         arch = f.field("general.architecture")
-        want = "flux" if source.kind == "flux" else "t5encoder"
+        want = gguf_arch(source.kind)
         ftype = f.field("general.file_type")
         qver = f.field("general.quantization_version")
         if arch != want or ftype is None or int(ftype) != int(gguf.LlamaFileType[t.file_type]) or qver is None:

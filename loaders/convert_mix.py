@@ -1,23 +1,31 @@
 """The converter's target types and the one table that says which tensor gets which type.
 
-FLUX (BFL names) follows the published FLUX GGUFs: city96's convert.py (tools/convert.py in city96/ComfyUI-GGUF)
-keeps 1-D and small tensors in F32, and his llama.cpp patch (tools/lcpp.patch, `img_tensor_get_type` and the
-"rules for image models") keeps the input/output projections unquantized and raises some block tensors in the
-_M mixes. Of the patch's rules only the fused-qkv one matches a BFL name (`*_attn.qkv.weight`, double blocks);
-its to_v, ffn_down and `.ff.net.2` rules name diffusers / other models' tensors, so FLUX _S files are the pure
-base type. Rows that are not whole K-quant (256) or legacy (32) blocks fall back to F16, as the patch does.
+FLUX (BFL names; FLUX.1 and FLUX.2 alike) follows the published FLUX GGUFs: city96's convert.py (tools/convert.py
+in city96/ComfyUI-GGUF) writes both as architecture "flux" (its ModelFlux matches
+`double_blocks.0.img_attn.proj.weight`, which FLUX.2 has too) and keeps 1-D and small tensors in F32; his llama.cpp
+patch (tools/lcpp.patch, `img_tensor_get_type` and the "rules for image models" of LLM_ARCH_FLUX) keeps the
+input/output projections unquantized (`txt_in.`, `img_in.`, `time_in.`, `vector_in.`, `guidance_in.`,
+`final_layer.` anywhere in the name) and raises some block tensors in the _M mixes. Of the patch's rules only the
+fused-qkv one matches a BFL name (`*_attn.qkv.weight`, double blocks, in both families); its to_v, ffn_down and
+`.ff.net.2` rules name diffusers / other models' tensors (FLUX.2's `img_mlp.0` / `img_mlp.2`, `linear1/2` and the
+shared `*_modulation.lin` match none of them), so FLUX _S files are the pure base type and FLUX.2's shared
+modulations get it too. Rows that are not whole K-quant (256) or legacy (32) blocks fall back to F16, as the patch
+does.
 
 T5 (llama.cpp names, arch t5encoder) follows llama.cpp's own LLM rules (`llama_tensor_get_type`) for the tensors a
 T5 encoder has: the token embedding is treated as the output tensor (an encoder has no `output.weight`), attn_v and
 ffn_down get more bits in the _M mixes on the layers `use_more_bits` picks, the relative attention bias is never
 quantized.
 
-The safetensors targets quantize the FLUX block linears / T5 linears and leave every other tensor as the source
+The safetensors targets quantize the FLUX block linears (FLUX.2: with its three shared modulation layers, as the
+pack's loaders' on-load conversion does, loaders/keys.py) / T5 linears and leave every other tensor as the source
 stores it (an fp8 source's are dequantized to bf16).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .flux2_layout import SHARED_MODULATIONS
 
 SMALL_TENSOR = 1024  # city96's QUANTIZATION_THRESHOLD: tensors of at most this many values stay F32
 QK_K = 256  # K-quant super-block
@@ -91,11 +99,13 @@ def _fits(qtype: str, shape) -> bool:
 
 # ---- FLUX ------------------------------------------------------------------------------------------------------
 
-# lcpp.patch: `quantize &= name.find(...) == npos` for LLM_ARCH_FLUX; city96 writes them F16
+# lcpp.patch: `quantize &= name.find(...) == npos` for LLM_ARCH_FLUX (FLUX.1 and FLUX.2 names); city96 writes them F16
 FLUX_UNQUANTIZED = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 # lcpp.patch, "Rules for fused qkv attention": the one rule whose patterns match BFL names
 FLUX_RAISED = {"Q3_K_M": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}
-FLUX_BLOCKS = ("double_blocks.", "single_blocks.")
+# FLUX.2's shared modulations (double_stream_modulation_img/txt.lin, single_stream_modulation.lin) are block-sized
+# linears outside the blocks: quantized like them (GGUF: no lcpp rule names them, so the base type)
+FLUX_BLOCKS = ("double_blocks.", "single_blocks.") + SHARED_MODULATIONS
 
 
 def _is_fused_qkv(key: str) -> bool:
@@ -118,6 +128,8 @@ def flux_tensor_type(key: str, shape, t: Target) -> tuple[str, str]:
     if key.startswith(FLUX_UNQUANTIZED):
         return "F16", "input/output projection: F16 (city96)"
     qtype, rule = t.base, "block tensor"
+    if key.startswith(SHARED_MODULATIONS):
+        rule = "FLUX.2 shared modulation: block tensor"
     if _is_fused_qkv(key) and t.name in FLUX_RAISED:
         qtype, rule = FLUX_RAISED[t.name], f"fused qkv raised in {t.name} (lcpp.patch)"
     if not _fits(qtype, shape):
@@ -199,14 +211,17 @@ MIX_COLUMNS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M",
 
 
 def mix_table_markdown() -> str:
-    """The FLUX type mix as a markdown table, computed from flux_tensor_type on FLUX.1's own shapes."""
-    h = 3072
+    """The FLUX type mix as a markdown table, computed from flux_tensor_type on FLUX.1's own shapes (FLUX.2 [dev]'s
+    for its shared modulations)."""
+    h, h2 = 3072, 6144
     rows = [
         ("1-D (biases, norm scales) and tensors of <= 1024 values", "double_blocks.0.img_attn.proj.bias", (h,)),
         ("img_in, txt_in, time_in, vector_in, guidance_in, final_layer", "txt_in.weight", (h, 4096)),
         ("double_blocks.*.{img,txt}_attn.qkv.weight", "double_blocks.0.img_attn.qkv.weight", (3 * h, h)),
         ("every other block weight (proj, mlp, mod, linear1/2, modulation)", "single_blocks.0.linear1.weight",
          (7 * h, h)),
+        ("FLUX.2 double_stream_modulation_{img,txt}.lin, single_stream_modulation.lin",
+         "double_stream_modulation_img.lin.weight", (6 * h2, h2)),
     ]
 
     def cell(col, key, shape):

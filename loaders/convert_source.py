@@ -1,6 +1,7 @@
-"""What the converter reads: a FLUX.1 transformer (BFL single file, optionally `model.diffusion_model.`-prefixed,
-or a diffusers folder of sharded safetensors with its index), or a T5 encoder (HF names; bf16 / fp16 / fp32, fp8 or
-scaled fp8). Unquantized GGUFs (F32/F16/BF16, e.g. city96's BF16 conversions) are read too.
+"""What the converter reads: a FLUX.1 or FLUX.2 ([dev], [klein]) transformer (BFL single file, optionally
+`model.diffusion_model.`-prefixed, or a diffusers folder of sharded safetensors with its index: FluxTransformer2DModel
+or Flux2Transformer2DModel), or a T5 encoder (HF names; bf16 / fp16 / fp32, fp8 or scaled fp8). Unquantized GGUFs
+(F32/F16/BF16, e.g. city96's BF16 conversions) are read too. Source.kind is "flux" (FLUX.1), "flux2" or "t5".
 
 Shapes come from the headers only; `Source.read` returns one tensor at a time. safetensors' `safe_open`
 memory-maps the whole file, and every page a read touches stays in the process's resident set until the mapping
@@ -29,11 +30,13 @@ COMFY_QUANT_FP8 = ("float8_e4m3fn", "float8_e5m2")
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FLOAT_FIX = "convert from the original bf16 / fp16 release"
-WHAT_IT_TAKES = "the converter takes a FLUX.1 transformer (BFL single file or a diffusers folder) or a T5-XXL encoder"
+WHAT_IT_TAKES = ("the converter takes a FLUX.1 or FLUX.2 transformer (BFL single file or a diffusers folder) or a "
+                 "T5-XXL encoder")
+FLUX_KINDS = ("flux", "flux2")  # Source.kind of a FLUX.1 / FLUX.2 transformer
 
 
 class SourceTensor(NamedTuple):
-    name: str  # BFL (FLUX) or HF (T5) name
+    name: str  # BFL (FLUX.1 / FLUX.2) or HF (T5) name
     shape: tuple
     dtype: str  # as stored: "bfloat16", "float8_e4m3fn", ...
     parts: tuple  # ((file index, key in that file), ...): concatenated along dim 0
@@ -136,7 +139,8 @@ class _GGUFFile:
 
 
 class Source:
-    """The tensors of one model (FLUX transformer or T5 encoder) in converter order, readable one at a time."""
+    """The tensors of one model (FLUX.1 / FLUX.2 transformer or T5 encoder) in converter order, readable one at a
+    time. `config`: a FluxConfig / Flux2Config, or the T5 config dict."""
 
     def __init__(self, path, files, kind, layout, tensors, config, notes=()):
         self.path, self.files, self.kind, self.layout = path, files, kind, layout
@@ -238,10 +242,8 @@ def _describe(names) -> str:
     """What a set of tensor names looks like, for the refusal."""
     from .text_encoders import CLIP_L_MARK, OPEN_CLIP_MARK
     keys = set(names)
-    if any(k.endswith("double_stream_modulation_img.lin.weight") for k in keys):
-        return "a FLUX.2 transformer (this converter makes FLUX.1 files)"
     if any("distilled_guidance_layer." in k for k in keys):
-        return "a Chroma transformer (not FLUX.1)"
+        return "a Chroma transformer (not FLUX.1 or FLUX.2)"
     if any(k.endswith(CLIP_L_MARK) or k.endswith(OPEN_CLIP_MARK) for k in keys):
         return "a CLIP text encoder (CLIP-L is 0.25 GB and is used as it is; only T5-XXL is worth converting)"
     if any(k.endswith(("decoder.conv_in.weight", "encoder.conv_in.weight")) for k in keys):
@@ -249,7 +251,7 @@ def _describe(names) -> str:
     if any("lora_" in k or ".lora." in k or k.endswith(".alpha") for k in keys):
         return "a LoRA (LoRAs are applied to a model, not converted)"
     if any(k.startswith(("model.layers.", "layers.")) for k in keys):
-        return "an LLM (not a FLUX.1 transformer or T5 encoder)"
+        return "an LLM (not a FLUX transformer or T5 encoder)"
     if any(k.startswith(("input_blocks.", "down_blocks.", "model.diffusion_model.input_blocks.")) for k in keys):
         return "a Stable Diffusion UNet (not FLUX.1)"
     first = ", ".join(sorted(keys)[:4])
@@ -317,11 +319,30 @@ _DT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bflo
 
 
 def _flux_config(path, shapes):
+    """(kind, config) of a FLUX transformer's BFL names -> shapes: FLUX.2 where its shared modulation is there
+    (the key ComfyUI tells FLUX.2 by), else FLUX.1; ModelFileError when the layout is not complete."""
+    from .flux2_layout import FLUX2_MARK, detect_flux2_config
     from .flux_layout import detect_flux_config
+    if FLUX2_MARK in shapes:
+        try:
+            return "flux2", detect_flux2_config(shapes)
+        except ValueError as e:
+            raise ModelFileError(path, f"is not a complete FLUX.2 transformer ({e})", REDOWNLOAD) from None
     try:
-        return detect_flux_config(shapes)
+        return "flux", detect_flux_config(shapes)
     except ValueError as e:
         raise ModelFileError(path, f"is not a complete FLUX.1 transformer ({e})", REDOWNLOAD) from None
+
+
+def _layout_order(kind, config):
+    """The BFL names of a complete transformer of `config`, in ComfyUI's order."""
+    from .flux2_layout import flux2_tensor_shapes
+    from .flux_layout import flux_tensor_shapes
+    return list(flux2_tensor_shapes(config) if kind == "flux2" else flux_tensor_shapes(config))
+
+
+def _family(kind):
+    return "FLUX.2" if kind == "flux2" else "FLUX.1"
 
 
 def _plain(entries, scales, names_map=None):
@@ -398,33 +419,34 @@ def _classify(path, files, index, layout):
     notes = [f"{fp8} fp8 tensors dequantized first (the output carries their rounding too)"] if fp8 else []
 
     if dk.is_diffusers_flux(names):
-        recipes, unused = dk.bfl_recipes(names)
+        layout_tables = dk.diffusers_layout(names)
+        recipes, unused = dk.bfl_recipes(names, layout_tables)
         if unused:
-            raise ModelFileError(path, f"is a diffusers FLUX transformer with {len(unused)} tensor(s) this "
-                                 f"converter cannot map to BFL names, e.g. {unused[:3]}",
-                                 "is it FLUX.1 (not FLUX.2 / a ControlNet)? " + WHAT_IT_TAKES)
+            raise ModelFileError(path, f"is a diffusers {layout_tables.family} transformer with {len(unused)} "
+                                 f"tensor(s) this converter cannot map to BFL names, e.g. {unused[:3]}",
+                                 "is it a plain FLUX.1 / FLUX.2 transformer (not a ControlNet or an adapter)? If so, "
+                                 "convert from BFL's single-file release instead (" + WHAT_IT_TAKES + ")")
         bfl_shapes = {b: dk.recipe_shape(r, shapes) for b, r in recipes.items()}
-        config = _flux_config(path, bfl_shapes)
-        from .flux_layout import flux_tensor_shapes
+        kind, config = _flux_config(path, bfl_shapes)
         tensors = []
-        for name in flux_tensor_shapes(config):
+        for name in _layout_order(kind, config):
             r = recipes[name]
             dt = {entries[p][1] for p in r.parts}
             tensors.append(SourceTensor(name, bfl_shapes[name], "/".join(sorted(_DT_NAMES.get(d, d) for d in dt)),
                                         tuple((entries[p][0], p) for p in r.parts), r.transform,
                                         tuple(scales.get(p) for p in r.parts)))
-        return Source(path, files, "flux", f"diffusers FLUX transformer, {layout}", tensors, config, notes)
+        return Source(path, files, kind, f"diffusers {_family(kind)} transformer, {layout}", tensors, config, notes)
 
-    if any(k.endswith("double_stream_modulation_img.lin.weight") or "distilled_guidance_layer." in k for k in names):
+    if any("distilled_guidance_layer." in k for k in names):
         _refuse(path, _describe(names))
     prefixed = [p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in names)]
     flux_names = {k[len(prefixed[0]):]: k for k in names if k.startswith(prefixed[0])} if prefixed else \
         {k: k for k in names}
     if any(k.startswith(("double_blocks.", "single_blocks.")) for k in flux_names):
-        config = _flux_config(path, {n: shapes[k] for n, k in flux_names.items()})
+        kind, config = _flux_config(path, {n: shapes[k] for n, k in flux_names.items()})
         if prefixed:
             notes.append(f"prefix {prefixed[0]!r} removed ({len(names) - len(flux_names)} other tensors left out)")
-        return Source(path, files, "flux", f"FLUX transformer (BFL names), {layout}",
+        return Source(path, files, kind, f"{_family(kind)} transformer (BFL names), {layout}",
                       _plain(entries, scales, flux_names), config, notes)
     if any(k.endswith(T5_MARK) for k in names):
         keyed, config = _t5_from(path, names, shapes, layout, notes)
@@ -463,9 +485,9 @@ def _open_gguf(path):
         shapes = {k: e[2] for k, e in f.entries.items()}
         if not any(k.startswith(("double_blocks.", "single_blocks.")) for k in names):
             _refuse(path, _describe(names))
-        config = _flux_config(path, shapes)
+        kind, config = _flux_config(path, shapes)
         tensors = [SourceTensor(k, e[2], dtypes[e[1]], ((0, k),)) for k, e in f.entries.items()]
-        return Source(path, [f], "flux", "FLUX transformer, unquantized GGUF", tensors, config)
+        return Source(path, [f], kind, f"{_family(kind)} transformer, unquantized GGUF", tensors, config)
     except BaseException:
         f.close()
         raise

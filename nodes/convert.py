@@ -1,4 +1,5 @@
-"""LowVRAMConvert: convert a FLUX.1 transformer or T5 encoder to GGUF / scaled fp8 / NF4 from inside ComfyUI."""
+"""LowVRAMConvert: convert a FLUX.1 / FLUX.2 transformer or T5 encoder to GGUF / scaled fp8 / NF4 from inside
+ComfyUI."""
 from ..host import convert as host_convert
 from ..loaders.convert_mix import TARGETS, TYPES
 
@@ -11,12 +12,12 @@ TYPE_TOOLTIP = ("The output type. GGUF: " + "; ".join(f"{t.name} {t.what}" for t
 class LowVRAMConvert:
     DISPLAY_NAME = "Convert Model (GGUF/FP8/NF4) · Kontext LowVRAM"
     SEARCH_ALIASES = ["convert", "quantize", "gguf converter", "make gguf"]
-    DESCRIPTION = ("Converts a FLUX.1 / Kontext diffusion model (BFL single file, or a diffusers folder's "
-                   "*.safetensors.index.json) or a T5-XXL text encoder to a GGUF (Q8_0 ... Q2_K in the published "
-                   "_M/_S mixes, legacy quants, BF16/F16), ComfyUI scaled fp8 or NF4. Tensor by tensor, so RAM stays "
-                   "a few times the largest tensor; the file appears only when complete, is checked against the "
-                   "source and gets a .sha256 next to it. Runs on the CPU; a 12 B model takes minutes to hours by "
-                   "type (see the summary's Mparam/s).")
+    DESCRIPTION = ("Converts a FLUX.1 / Kontext or FLUX.2 [dev] / [klein] diffusion model (BFL single file, or a "
+                   "diffusers folder's *.safetensors.index.json) or a T5-XXL text encoder to a GGUF (Q8_0 ... Q2_K "
+                   "in the published _M/_S mixes, legacy quants, BF16/F16), ComfyUI scaled fp8 or NF4. Tensor by "
+                   "tensor, so RAM stays a few times the largest tensor; the file appears only when complete, is "
+                   "checked against the source and gets a .sha256 next to it. Runs on the CPU; a 12 B model takes "
+                   "minutes to hours by type, FLUX.2 [dev] (32 B) about 3x that (see the summary's Mparam/s).")
     CATEGORY = "Kontext LowVRAM/utils"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("summary",)

@@ -355,7 +355,8 @@ def test_nf4_is_not_offered_for_t5(tmp_path, t5_sd):
 
 
 @pytest.mark.parametrize("kind,match", [
-    ("vae", "is a VAE"), ("clip", "is a CLIP text encoder"), ("lora", "is a LoRA"), ("flux2", "FLUX.2"),
+    ("vae", "is a VAE"), ("clip", "is a CLIP text encoder"), ("lora", "is a LoRA"),
+    ("flux2", "not a complete FLUX.2 transformer"),
     ("incomplete", "not a complete FLUX.1 transformer"), ("quantized_gguf", "already quantized"),
     ("nf4", "bitsandbytes 4-bit"), ("random", "not a model this converter knows")])
 def test_refuses_what_it_cannot_convert_naming_the_file(tmp_path, ksd, kind, match):
