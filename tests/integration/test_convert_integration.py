@@ -26,7 +26,10 @@ from test_flux2_loader import flux2_edit_graph, needs_flux2
 # bound vs core bf16 on the source (2 steps, ~1.5x the errors test_lowvram_model_loader.py measures per base type)
 VS_BF16 = {"Q8_0": 0.03, "Q4_K_M": 0.30, "fp8_e4m3fn_scaled": 0.10}
 SAME = 5e-3  # two loaders dequantizing the same blocks: only their compute order differs
-# FLUX.2, vs core bf16 on the source: ~1.5x the errors measured on v0.29 (CPU, 2 steps; see the FLUX.2 tests' prints)
+# FLUX.2, vs core bf16 on the source: above the errors measured on v0.29 (CPU, 2 steps, fixed seeds; dev / klein:
+# Q8_0 0.016 / 0.011, Q4_K_M 0.198 / 0.134, fp8 0.078 / 0.055, nf4 0.269 / 0.184). These random tiny models are far
+# from a trained model's error, so this bound is loose; the same-file comparisons against ComfyUI-GGUF and core's
+# comfy_quant below are the tight ones.
 FLUX2_VS_BF16 = {"Q8_0": 0.03, "Q4_K_M": 0.25, "fp8_e4m3fn_scaled": 0.10, "nf4": 0.30}
 
 
